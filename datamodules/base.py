@@ -1,0 +1,198 @@
+"""ImageDataModule: the shared behaviour of every datamodule (subset mask, loaders, fingerprint).
+
+A subclass sets its own source arguments, calls ``super().__init__`` (which validates the subset
+mask against ``num_examples``) and implements :meth:`_load_source` returning uint8 images
+``(N, H, W, C)`` and int64 labels ``(N,)`` or ``None``. It may override :meth:`_count_examples`
+when ``N`` is cheaper to know than the pixels (then the data is only loaded on first use).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+
+from attribution.masks import dataset_fingerprint, load_subset_mask, mask_hash
+from datamodules.array_dataset import ArrayImageDataset, check_uint8_images, resize_and_pad, to_float
+
+__all__ = ["ImageDataModule"]
+
+
+class ImageDataModule(LightningDataModule):
+    """Base class: in-memory uint8 images, an optional subset mask, deterministic loaders.
+
+    Args:
+        subset_mask: ``.npy``/``.pt`` file with a boolean mask of length N or integer global
+            indices (see ``attribution.masks``); ``None`` trains on all N examples.
+        batch_size: batch size of every loader.
+        num_workers: DataLoader worker processes.
+        augment: random horizontal flip in ``train_dataloader`` only.
+        seed: seeds the ``torch.Generator`` of the training shuffle (the data order).
+        image_size: resize (antialiased; shorter side, then center crop) to this square size;
+            ``None`` keeps the source size.
+        pad: zero pixels added on each side after resizing.
+    """
+
+    label_names: Optional[list[str]] = None
+
+    def __init__(
+        self,
+        subset_mask: Optional[str] = None,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        augment: bool = False,
+        seed: int = 0,
+        image_size: Optional[int] = None,
+        pad: int = 0,
+    ) -> None:
+        super().__init__()
+        self._check_args(batch_size, num_workers, image_size, pad)
+        self.save_hyperparameters()  # collects the subclass's __init__ arguments too
+        self.subset_mask = subset_mask
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.augment = augment
+        self.seed = seed
+        self.image_size = image_size
+        self.pad = pad
+        self._images: Optional[torch.Tensor] = None
+        self._labels: Optional[torch.Tensor] = None
+        self._fingerprint: Optional[str] = None
+        self._num_examples = self._count_examples()
+        if subset_mask is None:
+            self.subset_indices = np.arange(self._num_examples, dtype=np.int64)
+        else:
+            self.subset_indices = load_subset_mask(subset_mask, self._num_examples)
+        self.mask_hash = mask_hash(None if subset_mask is None else self.subset_indices, self._num_examples)
+
+    @staticmethod
+    def _check_args(batch_size: int, num_workers: int, image_size: Optional[int], pad: int) -> None:
+        if batch_size < 1:
+            raise ValueError(f"Expected `batch_size` >= 1, but got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"Expected `num_workers` >= 0, but got {num_workers}")
+        if image_size is not None and image_size < 1:
+            raise ValueError(f"Expected `image_size` >= 1 or None, but got {image_size}")
+        if pad < 0:
+            raise ValueError(f"Expected `pad` >= 0, but got {pad}")
+
+    # ----------------------------------------------------------------------- subclass interface
+    def _load_source(self) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """uint8 images ``(N, H, W)`` or ``(N, H, W, C)`` and int64 labels ``(N,)`` or ``None``."""
+        raise NotImplementedError
+
+    def _count_examples(self) -> int:
+        """N; the default loads the data. Override when N is cheaper to know."""
+        self._ensure_loaded()
+        return int(self._images.shape[0])
+
+    def _fingerprint_extra(self) -> str:
+        """Settings that change the pixels the model sees, mixed into the fingerprint."""
+        return f"{type(self).__name__}:image_size={self.image_size}:pad={self.pad}"
+
+    # ------------------------------------------------------------------------------ loading
+    def _ensure_loaded(self) -> None:
+        if self._images is not None:
+            return
+        name = type(self).__name__
+        source, labels = self._load_source()
+        source = check_uint8_images(source, name)
+        if labels is not None:
+            labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+            if labels.shape[0] != source.shape[0]:
+                raise ValueError(f"{name}: expected {source.shape[0]} labels, but got {labels.shape[0]}")
+        self._fingerprint = dataset_fingerprint(source, labels, extra=self._fingerprint_extra())
+        self._images = resize_and_pad(source, self.image_size, self.pad)
+        self._labels = None if labels is None else torch.from_numpy(labels)
+
+    def prepare_data(self) -> None:
+        """Nothing to download: every source is local (this project never downloads data)."""
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        self._ensure_loaded()
+
+    # --------------------------------------------------------------------------- properties
+    @property
+    def num_examples(self) -> int:
+        """N, the size of the full dataset (not of the subset)."""
+        return self._num_examples
+
+    @property
+    def fingerprint(self) -> str:
+        """``dataset_fingerprint`` of the uint8 source data, labels and resize settings."""
+        self._ensure_loaded()
+        return self._fingerprint
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of the images the model sees (after resize and pad)."""
+        self._ensure_loaded()
+        return tuple(self._images.shape[1:])
+
+    # ----------------------------------------------------------------------------- datasets
+    def full_dataset(self) -> ArrayImageDataset:
+        """All N examples in global index order, never augmented."""
+        self._ensure_loaded()
+        return ArrayImageDataset(self._images, self._labels, None, augment=False)
+
+    def _check_indices(self, indices: Optional[Sequence[int]]) -> np.ndarray:
+        if indices is None:
+            return np.arange(self.num_examples, dtype=np.int64)
+        array = torch.as_tensor(indices).cpu().numpy() if torch.is_tensor(indices) else np.asarray(indices)
+        array = array.astype(np.int64).reshape(-1)
+        if array.size and (array.min() < 0 or array.max() >= self.num_examples):
+            bad = array[(array < 0) | (array >= self.num_examples)][:5].tolist()
+            raise IndexError(f"Expected global indices in [0, {self.num_examples}), but got {bad}")
+        return array
+
+    def _loader(self, dataset: ArrayImageDataset, batch_size: int, generator=None) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=generator is not None,
+            generator=generator,
+            drop_last=False,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """The subset only, shuffled by a ``torch.Generator`` seeded with ``seed``."""
+        self._ensure_loaded()
+        dataset = ArrayImageDataset(self._images, self._labels, self.subset_indices, self.augment)
+        generator = torch.Generator().manual_seed(self.seed)
+        return self._loader(dataset, self.batch_size, generator)
+
+    def featurize_dataloader(
+        self, indices: Optional[Sequence[int]] = None, batch_size: Optional[int] = None
+    ) -> DataLoader:
+        """Deterministic order over ``indices`` (global; default all N); no shuffle, no augment."""
+        self._ensure_loaded()
+        dataset = ArrayImageDataset(self._images, self._labels, self._check_indices(indices), False)
+        return self._loader(dataset, batch_size or self.batch_size)
+
+    def images(self, indices: Sequence[int]) -> torch.Tensor:
+        """Float ``(k, C, H, W)`` in ``[-1, 1]`` for global ``indices`` (pictures, pixel similarity)."""
+        self._ensure_loaded()
+        return to_float(self._images[torch.from_numpy(self._check_indices(indices))])
+
+    # ------------------------------------------------------------------- checkpoint identity
+    def state_dict(self) -> dict:
+        """Identity of the data this run trained on; checked again on resume."""
+        return {
+            "num_examples": self.num_examples,
+            "fingerprint": self.fingerprint,
+            "mask_hash": self.mask_hash,
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        mine = self.state_dict()
+        for key, value in state_dict.items():
+            if key in mine and mine[key] != value:
+                raise ValueError(
+                    f"{type(self).__name__}: the checkpoint was trained with {key}={value!r}, but this "
+                    f"datamodule has {key}={mine[key]!r}; resume with the same data and subset_mask"
+                )

@@ -1,0 +1,164 @@
+"""DDPM training on a subset mask: a diffusers ``UNet2DModel`` and a ``DDPMScheduler``.
+
+The module trains with the noise-prediction MSE, AdamW with linear warmup and cosine decay, optional
+EMA weights, logs the loss and a sample grid (TensorBoard and PNG), and stamps every checkpoint
+with the data identity (N, the mask's hash, the dataset fingerprint) so that features, masks and
+checkpoints can later be checked to belong together.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, UNet2DModel
+from lightning.pytorch import LightningModule
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from attribution.sampling import ddpm_sample
+from lightning_modules.checkpoint_meta import data_identity, write_identity
+from lightning_modules.images import save_grid
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
+    """LR multiplier: linear warmup to 1 over ``warmup_steps``, then cosine decay to ``min_ratio``."""
+    if step < warmup_steps:
+        return (step + 1) / max(1, warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class DDPMModule(LightningModule):
+    """Denoising diffusion training of ``unet`` on the batches of a datamodule of this project.
+
+    Args:
+        unet: the denoiser, e.g. ``diffusers.UNet2DModel`` given in YAML with class_path/init_args.
+        num_train_timesteps: T of the DDPM schedule.
+        beta_schedule: diffusers beta schedule name ("linear", "squaredcos_cap_v2", ...).
+        beta_start: first beta of the linear schedule.
+        beta_end: last beta of the linear schedule.
+        lr: peak AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warmup steps before the cosine decay.
+        ema_decay: keep EMA weights with this decay (None: no EMA). Sampling and attribution use them.
+        sample_every_n_epochs: log a sample grid every this many epochs (0: only at the end).
+        num_samples: images in the sample grid.
+        sample_inference_steps: DDPM steps used for the grid (fewer than T is faster).
+        sample_seed: first seed of the grid's samples (sample i uses seed sample_seed + i).
+    """
+
+    def __init__(
+        self,
+        unet: UNet2DModel,
+        num_train_timesteps: int = 1000,
+        beta_schedule: str = "linear",
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        lr: float = 2e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 100,
+        ema_decay: Optional[float] = None,
+        sample_every_n_epochs: int = 0,
+        num_samples: int = 64,
+        sample_inference_steps: int = 100,
+        sample_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        _check_positive(num_train_timesteps=num_train_timesteps, num_samples=num_samples,
+                        sample_inference_steps=sample_inference_steps)
+        if ema_decay is not None and not 0.0 < ema_decay < 1.0:
+            raise ValueError(f"Expected `ema_decay` to be in (0, 1) or None, but got {ema_decay}")
+        self.save_hyperparameters(ignore=["unet"])
+        self.hparams["unet_config"] = dict(unet.config)
+        self.unet = unet
+        self.noise_scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
+                                             beta_start=beta_start, beta_end=beta_end)
+        self.ema = (AveragedModel(unet, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+                    if ema_decay is not None else None)
+        if self.ema is not None:
+            self.ema.requires_grad_(False)
+        self.register_buffer("alphas_cumprod", self.noise_scheduler.alphas_cumprod.clone().float(), persistent=False)
+
+    # ----------------------------------------------------------------- training
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.diffusion_loss(batch["image"])
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch["image"].shape[0])
+        return loss
+
+    def diffusion_loss(self, x0: torch.Tensor, cond: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Mean noise-prediction MSE at uniformly drawn timesteps; x0 (B,C,H,W) in [-1, 1]."""
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, self.hparams.num_train_timesteps, (x0.shape[0],), device=x0.device)
+        abar = self.alphas_cumprod.index_select(0, t).view(-1, *([1] * (x0.dim() - 1)))
+        x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+        return F.mse_loss(self.predict_noise(x_t, t, cond, ema=False), noise)
+
+    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor] = None,
+                      ema: bool = True) -> torch.Tensor:
+        """eps_theta(x_t, t), with the EMA weights when kept and ``ema`` is true."""
+        return self.denoiser(ema)(x_t, t).sample
+
+    def denoiser(self, ema: bool = True) -> torch.nn.Module:
+        """The UNet used for sampling and attribution: the EMA copy when kept (and asked for)."""
+        return self.ema.module if (ema and self.ema is not None) else self.unet
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update_parameters(self.unet)
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.unet.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = min(self.hparams.warmup_steps, total // 2)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup, total))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ----------------------------------------------------------------- sampling
+    def sample(self, seeds, num_inference_steps: Optional[int] = None, **kwargs):
+        """Seeded samples (see ``attribution.sampling.ddpm_sample``); images in [-1, 1]."""
+        shape = (self.unet.config.in_channels, *_pair(self.unet.config.sample_size))
+        was_training = self.training
+        self.eval()
+        try:
+            return ddpm_sample(lambda x, t: self.predict_noise(x, t), self.noise_scheduler, shape, seeds,
+                               num_inference_steps=num_inference_steps, device=self.device, **kwargs)
+        finally:
+            self.train(was_training)
+
+    def on_train_epoch_end(self) -> None:
+        every = self.hparams.sample_every_n_epochs
+        if every and (self.current_epoch + 1) % every == 0:
+            self.log_sample_grid()
+
+    def on_train_end(self) -> None:
+        self.log_sample_grid(tag="final")
+
+    def log_sample_grid(self, tag: Optional[str] = None) -> Optional[Path]:
+        """Sample the grid, write it to ``<log_dir>/samples/<tag>.png`` and to TensorBoard."""
+        if not self.trainer.is_global_zero:
+            return None
+        seeds = range(self.hparams.sample_seed, self.hparams.sample_seed + self.hparams.num_samples)
+        images = self.sample(list(seeds), self.hparams.sample_inference_steps).images
+        tag = tag or f"epoch_{self.current_epoch:04d}"
+        path = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "samples" / f"{tag}.png"
+        grid = save_grid(images, path, upscale=max(1, 32 // images.shape[-1]))
+        experiment = getattr(self.logger, "experiment", None)
+        if hasattr(experiment, "add_image"):
+            experiment.add_image(f"samples/{tag}", grid, self.global_step)
+        return path
+
+    # ----------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        write_identity(checkpoint, data_identity(self.trainer.datamodule))
+
+
+def _pair(size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"Expected `{name}` to be a positive int, but got {value!r}")

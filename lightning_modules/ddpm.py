@@ -17,6 +17,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from lightning.pytorch import LightningModule
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from attribution import DiffusionTask
 from attribution.sampling import ddpm_sample
 from lightning_modules.checkpoint_meta import data_identity, write_identity
 from lightning_modules.images import save_grid
@@ -148,6 +149,19 @@ class DDPMModule(LightningModule):
         if hasattr(experiment, "add_image"):
             experiment.add_image(f"samples/{tag}", grid, self.global_step)
         return path
+
+    # ----------------------------------------------------------------- attribution protocol
+    def attribution_task(self) -> DiffusionTask:
+        """How the attribution core calls the denoiser (the training noise schedule)."""
+        return DiffusionTask.from_scheduler(self.noise_scheduler)
+
+    def attribution_denoiser(self, ema: bool = True) -> torch.nn.Module:
+        """The network whose gradients are featurized and scored."""
+        return self.denoiser(ema)
+
+    def attribution_inputs(self, batch: dict[str, torch.Tensor]):
+        """(x0 (B,C,H,W) in [-1, 1], global index (B,), no conditioning)."""
+        return batch["image"], batch["index"], None
 
     # ----------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

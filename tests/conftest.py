@@ -16,7 +16,7 @@ CONFIGS = ROOT / "configs"
 
 @pytest.fixture(autouse=True)
 def _deterministic_threads():
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("TEST_THREADS", "1")))
     yield
 
 

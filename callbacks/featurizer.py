@@ -1,0 +1,178 @@
+"""Featurize one checkpoint into one feature store: the work shared by the callback and ``cli.py featurize``.
+
+Every example of the *full* training set is featurized (LDS and counterfactuals need every example,
+not only the subset the model saw). Under DDP each rank takes a disjoint share of the rows still
+missing from the store (``missing[rank::world_size]``), so every example is featurized exactly once
+and a killed run resumes with only the missing rows.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from attribution import (FeatureStore, checkpoint_seed, featurize_batch, finalize, make_output, make_projector,
+                         num_parameters, parameter_order)
+from attribution.outputs import ModelOutput
+from attribution.projectors import Projector
+from callbacks.protocol import AttributableDiffusion
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FeaturizeSettings:
+    """How training examples are featurized (recorded in every store's metadata).
+
+    Args:
+        proj_dim: d, the projected feature dimension.
+        projector: "sparse" (sparse JL, fast on CPU), "gaussian" or "rademacher" (dense reference).
+        proj_seed: experiment seed of the projections; checkpoint m uses checkpoint_seed(proj_seed, id_m).
+        num_draws: K, (timestep, noise) draws per example averaged in the training loss.
+        draw_seed: seed of the draws; draws for example i depend only on (i, draw_seed).
+        output: training-side function, "loss" (the paper) or "square" (D-TRAK).
+        share_noise: share the noise draws between examples and the target side (D-TRAK).
+        param_names: differentiate only these parameters (None: all trainable).
+        batch_size: examples per featurize batch.
+        chunk_size: examples per vmap call (bounds memory; None: the whole batch).
+        dtype: feature storage dtype, "float32" or "float16".
+        use_ema: featurize the EMA weights when the module keeps them.
+    """
+
+    proj_dim: int = 2048
+    projector: str = "sparse"
+    proj_seed: int = 0
+    num_draws: int = 10
+    draw_seed: int = 0
+    output: str = "loss"
+    share_noise: bool = False
+    param_names: Optional[list[str]] = None
+    batch_size: int = 32
+    chunk_size: Optional[int] = None
+    dtype: str = "float32"
+    use_ema: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("proj_dim", "num_draws", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"Expected `{name}` to be a positive int, but got {getattr(self, name)}")
+        if self.output not in ("loss", "square"):
+            raise ValueError(f"Expected `output` to be 'loss' or 'square', but got {self.output!r}")
+        if self.projector not in ("sparse", "gaussian", "rademacher"):
+            raise ValueError(f"Expected `projector` in ('sparse', 'gaussian', 'rademacher'), but got {self.projector!r}")
+
+    def train_output(self) -> ModelOutput:
+        return make_output(f"train_{self.output}", num_draws=self.num_draws, seed=self.draw_seed,
+                           share_noise=self.share_noise)
+
+
+def weights_hash(model: torch.nn.Module, param_names: Optional[list[str]] = None) -> str:
+    """sha256 of the differentiated parameters' bytes, in parameter order: the checkpoint's identity."""
+    params = dict(model.named_parameters())
+    h = hashlib.sha256()
+    for name in parameter_order(model, param_names):
+        h.update(name.encode())
+        h.update(params[name].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def projector_from_meta(description: dict) -> Projector:
+    """Rebuild the projector recorded in a store's metadata (``Projector.describe()``)."""
+    desc = dict(description)
+    kind, p, d, seed = desc.pop("kind"), desc.pop("p"), desc.pop("d"), desc.pop("seed")
+    extras = {k: v for k, v in desc.items() if k in ("s", "tile_cols", "tile_rows")}
+    return make_projector(kind, p, d, seed, **extras)
+
+
+class CheckpointFeaturizer:
+    """Featurize the current weights of a module (one checkpoint) into a :class:`FeatureStore`."""
+
+    def __init__(self, settings: FeaturizeSettings) -> None:
+        self.settings = settings
+
+    def prepare(self, module: AttributableDiffusion, data_identity: dict, checkpoint: dict) -> tuple[dict, Projector]:
+        """Store metadata and projector for the module's current weights."""
+        s = self.settings
+        model = module.attribution_denoiser(s.use_ema)
+        whash = weights_hash(model, s.param_names)
+        p = num_parameters(model, s.param_names)
+        projector = make_projector(s.projector, p, s.proj_dim, checkpoint_seed(s.proj_seed, int(whash[:15], 16)))
+        meta = {
+            "N": int(data_identity["num_examples"]), "d": s.proj_dim, "dtype": s.dtype,
+            "dataset_fingerprint": data_identity["dataset_fingerprint"],
+            "projector": projector.describe(), "train_output": s.train_output().describe(),
+            "task": module.attribution_task().describe(), "param_names": s.param_names, "use_ema": s.use_ema,
+            "checkpoint": {**checkpoint, "weights_hash": whash},
+        }
+        return meta, projector
+
+    def run(self, module: AttributableDiffusion, rows_loader: Callable[[torch.Tensor], Any], data_identity: dict,
+            store_dir: str | Path, checkpoint: dict, rank: int = 0, world_size: int = 1,
+            barrier: Callable[[], None] = lambda: None, device: Optional[torch.device] = None,
+            progress: bool = True) -> tuple[FeatureStore, dict]:
+        """Featurize the rows missing from the store at ``store_dir``; rank 0 finalizes when complete.
+
+        Args:
+            rows_loader: global indices (R,) -> an iterable of batches for ``module.attribution_inputs``.
+            data_identity: ``num_examples`` and ``dataset_fingerprint`` of the full training set.
+            checkpoint: what identifies the checkpoint (file, global_step, ...), stored in the metadata.
+        Returns:
+            the store and ``{"rows": rows featurized here, "seconds": ...}``.
+        """
+        meta, projector = self.prepare(module, data_identity, checkpoint)
+        if rank == 0:
+            FeatureStore.open(store_dir, meta, create=True)
+        barrier()
+        store = FeatureStore.open(store_dir, meta, create=False)
+        mine = store.missing_rows()[rank::world_size]
+        barrier()  # every rank has read the same missing set before anyone writes
+        start = time.perf_counter()
+        with _eval_mode(module), torch.random.fork_rng(devices=[]):
+            done = self._featurize_rows(module, projector, store, rows_loader(mine), len(mine), device,
+                                        progress and rank == 0)
+        seconds = time.perf_counter() - start
+        barrier()
+        if rank == 0 and store.is_complete and (done or not (store.path / "kernel.json").exists()):
+            finalize(store)
+        barrier()
+        return store, {"rows": done, "seconds": seconds}
+
+    def _featurize_rows(self, module, projector, store, batches, total, device, progress) -> int:
+        s = self.settings
+        task, model, output = module.attribution_task(), module.attribution_denoiser(s.use_ema), s.train_output()
+        done = 0
+        with tqdm(total=total, unit="row", desc=f"featurize {Path(store.path).name}", disable=not progress) as bar:
+            for batch in batches:
+                x0, index, cond = module.attribution_inputs(batch)
+                x0, index = x0.to(device), index.to(device)
+                cond = None if cond is None else cond.to(device)
+                with torch.enable_grad():
+                    features = featurize_batch(task, model, output, projector, x0, index, cond=cond,
+                                               param_names=s.param_names, chunk_size=s.chunk_size)
+                store.write(index.cpu(), features)
+                done += len(index)
+                bar.update(len(index))
+        return done
+
+
+class _eval_mode:
+    """Put a module in eval mode and restore its previous mode afterwards."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module, self.was_training = module, module.training
+
+    def __enter__(self):
+        self.module.eval()
+
+    def __exit__(self, *exc):
+        self.module.train(self.was_training)
+
+
+def settings_dict(settings: FeaturizeSettings) -> dict:
+    return asdict(settings)

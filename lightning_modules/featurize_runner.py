@@ -1,0 +1,50 @@
+"""``FeaturizeRunner``: runs ``cli.py featurize`` inside ``Trainer.predict`` so Lightning launches DDP.
+
+The runner's predict loop has one item per rank; its single ``predict_step`` featurizes, for each
+checkpoint in turn, this rank's share of the rows still missing from that checkpoint's store.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from torch.utils.data import DataLoader
+
+from callbacks.featurizer import CheckpointFeaturizer
+from lightning_modules.checkpoint_meta import data_identity
+
+
+class FeaturizeRunner(LightningModule):
+    """Featurize ``jobs`` = [(checkpoint path, store folder), ...] with ``module`` on ``datamodule``."""
+
+    def __init__(self, module: LightningModule, datamodule: Any, jobs: list[tuple[Path, Path]],
+                 featurizer: CheckpointFeaturizer) -> None:
+        super().__init__()
+        self.module = module
+        self.data = datamodule
+        self.jobs = jobs
+        self.featurizer = featurizer
+        self.results: list[dict] = []
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(list(range(self.trainer.world_size)), batch_size=1)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> None:
+        with torch.inference_mode(False):
+            for ckpt_path, store_dir in self.jobs:
+                self.results.append(self._featurize_one(ckpt_path, store_dir))
+
+    def _featurize_one(self, ckpt_path: Path, store_dir: Path) -> dict:
+        checkpoint = torch.load(ckpt_path, map_location=self.device, weights_only=False)
+        self.module.load_state_dict(checkpoint["state_dict"])
+        batch_size = self.featurizer.settings.batch_size
+        loader = lambda rows: self.data.featurize_dataloader(rows.tolist(), batch_size=batch_size)
+        info = {"file": str(ckpt_path), "global_step": int(checkpoint.get("global_step", -1)),
+                "epoch": int(checkpoint.get("epoch", -1))}
+        store, stats = self.featurizer.run(self.module, loader, data_identity(self.data), store_dir, info,
+                                           rank=self.global_rank, world_size=self.trainer.world_size,
+                                           barrier=self.trainer.strategy.barrier, device=self.device,
+                                           progress=self.trainer.is_global_zero)
+        return {"store": str(store.path), **stats}

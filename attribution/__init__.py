@@ -1,0 +1,33 @@
+"""Lightning-free attribution core: step-specific TRAK for diffusion models.
+
+Pipeline: :class:`DiffusionTask` (how to call the denoiser) -> :class:`TrainLoss` /
+:class:`StepOutput` (what is differentiated, with deterministic draws) -> :func:`featurize_batch`
+(vmap per-example gradients + a :class:`Projector`) -> :class:`FeatureStore` (resumable memmap)
+-> :func:`finalize` (kernel eigendecomposition) -> :func:`score` / :func:`topk_scores` /
+:func:`lambda_sweep`.
+
+This package never imports lightning (a test checks it).
+"""
+from .diffusion import add_noise, alphas_cumprod_from, schedule_coefficients, x0_hat
+from .gradients import (featurize_batch, loop_gradients, num_parameters, parameter_order, per_example_gradients,
+                        split_parameters)
+from .outputs import Draws, ModelOutput, StepOutput, TrainLoss, make_output
+from .projectors import DenseProjector, IdentityProjector, Projector, SparseProjector, make_projector
+from .scoring import (Kernel, TopK, dense_scores_float64, finalize, iter_score_blocks, lambda_sweep, load_kernel,
+                      score, topk_scores)
+from .seeding import checkpoint_seed, cpu_generator, mix_seed
+from .store import FeatureStore, StoreMismatchError
+from .task import DiffusionTask, math_attention
+
+__all__ = [
+    "add_noise", "alphas_cumprod_from", "schedule_coefficients", "x0_hat",
+    "featurize_batch", "loop_gradients", "num_parameters", "parameter_order", "per_example_gradients",
+    "split_parameters",
+    "Draws", "ModelOutput", "StepOutput", "TrainLoss", "make_output",
+    "DenseProjector", "IdentityProjector", "Projector", "SparseProjector", "make_projector",
+    "Kernel", "TopK", "dense_scores_float64", "finalize", "iter_score_blocks", "lambda_sweep", "load_kernel",
+    "score", "topk_scores",
+    "checkpoint_seed", "cpu_generator", "mix_seed",
+    "FeatureStore", "StoreMismatchError",
+    "DiffusionTask", "math_attention",
+]

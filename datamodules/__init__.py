@@ -17,3 +17,7 @@ __all__ = [
     "ImageFolderDataModule",
     "MNIST5kDataModule",
 ]
+
+from datamodules.webdataset import WebDatasetDataModule  # noqa: E402 - appended export
+
+__all__ += ["WebDatasetDataModule"]

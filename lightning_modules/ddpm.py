@@ -72,7 +72,6 @@ class DDPMModule(LightningModule):
         if ema_decay is not None and not 0.0 < ema_decay < 1.0:
             raise ValueError(f"Expected `ema_decay` to be in (0, 1) or None, but got {ema_decay}")
         self.save_hyperparameters(ignore=["unet"])
-        self.hparams["unet_config"] = dict(unet.config)
         self.unet = unet
         self.noise_scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
                                              beta_start=beta_start, beta_end=beta_end)
@@ -166,6 +165,17 @@ class DDPMModule(LightningModule):
     # ----------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         write_identity(checkpoint, data_identity(self.trainer.datamodule))
+        checkpoint["unet_config"] = dict(self.unet.config)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "DDPMModule":
+        """Rebuild the module (UNet from the configuration stored in the checkpoint) and load its weights."""
+        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+        unet = UNet2DModel.from_config(checkpoint["unet_config"])
+        hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
+        module = cls(unet, **hparams)
+        module.load_state_dict(checkpoint["state_dict"])
+        return module
 
 
 def _pair(size) -> tuple[int, int]:

@@ -42,17 +42,17 @@ class AttributionTrainer(Trainer):
         rank_zero_info(f"wrote {len(paths)} masks over N={datamodule.num_examples} examples to {out_dir}")
         return paths
 
-    def featurize(self, model: LightningModule, datamodule: LightningDataModule, ckpt_path: str,
+    def featurize(self, model: LightningModule, datamodule: LightningDataModule, checkpoints: str,
                   out_dir: Optional[str] = None, settings: Optional[FeaturizeSettings] = None) -> list[Path]:
         """Featurize saved checkpoints (one file or a folder of *.ckpt) over the whole training set, and finalize.
 
         Args:
-            ckpt_path: a checkpoint file, or a folder whose *.ckpt files are each featurized.
+            checkpoints: a checkpoint file, or a folder whose *.ckpt files are each featurized.
             out_dir: where stores go (default: features/ beside each checkpoints folder); one store per checkpoint.
             settings: featurize settings; default: those of the TrakFeaturizeCallback in the config, if any.
         """
         check_protocol(model)
-        checkpoints = find_checkpoints(ckpt_path)
+        checkpoints = find_checkpoints(checkpoints)
         for path in checkpoints:  # every check before any work
             check_checkpoint(path, model, datamodule)
         settings = settings or self._callback_settings() or FeaturizeSettings()
@@ -71,14 +71,14 @@ class AttributionTrainer(Trainer):
         return None
 
 
-def find_checkpoints(ckpt_path: str) -> list[Path]:
+def find_checkpoints(checkpoints: str) -> list[Path]:
     """A checkpoint file, or the sorted *.ckpt files of a folder (recursively); error when there are none."""
-    path = Path(ckpt_path)
+    path = Path(checkpoints)
     if path.is_file():
         return [path]
     found = sorted(p for p in path.rglob("*.ckpt") if not p.stem.startswith("last")) if path.is_dir() else []
     if not found:
-        raise FileNotFoundError(f"Expected `ckpt_path` to be a checkpoint file or a folder holding *.ckpt files, "
+        raise FileNotFoundError(f"Expected `checkpoints` to be a checkpoint file or a folder holding *.ckpt files, "
                                 f"but {str(path)!r} {'holds none' if path.is_dir() else 'does not exist'}")
     return found
 

@@ -1,0 +1,45 @@
+"""Small shared builders for the Lightning-side tests: tiny modules and small real/array data."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from diffusers import UNet2DModel
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from datamodules import ArrayDataModule, DigitsDataModule
+from lightning_modules import DDPMModule
+
+
+def tiny_unet() -> UNet2DModel:
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       add_attention=False, norm_num_groups=4)
+
+
+def tiny_module(**kw) -> DDPMModule:
+    return DDPMModule(tiny_unet(), warmup_steps=1, num_samples=2, sample_inference_steps=2, **kw)
+
+
+def digits_subset_array(path: Path, n: int = 120) -> Path:
+    """The first ``n`` real digits as a uint8 .npz (images + labels): a small real dataset for fast tests."""
+    dm = DigitsDataModule()
+    images = ((dm.images(range(n)) + 1) * 127.5).round().clamp(0, 255).byte().numpy()[:, 0]
+    labels = np.array([int(dm.full_dataset()[i]["label"]) for i in range(n)])
+    np.savez(path, images=images, labels=labels)
+    return path
+
+
+def small_data(tmp_path: Path, n: int = 120, **kw) -> ArrayDataModule:
+    path = tmp_path / f"digits{n}.npz"
+    if not path.exists():
+        digits_subset_array(path, n)
+    return ArrayDataModule(path=str(path), **kw)
+
+
+def fit_trainer(root: Path, callbacks: list, max_steps: int = 4, every: int = 2, **kw) -> Trainer:
+    checkpoint = ModelCheckpoint(every_n_train_steps=every, save_top_k=-1, filename="step{step:06d}",
+                                 auto_insert_metric_name=False)
+    return Trainer(accelerator="cpu", max_steps=max_steps, default_root_dir=root, logger=False,
+                   enable_progress_bar=False, enable_model_summary=False, callbacks=[checkpoint, *callbacks], **kw)

@@ -1,0 +1,171 @@
+"""TrakFeaturizeCallback and cli.py featurize: complete stores per checkpoint, equal to the core API,
+resumable after a kill, training unaffected, foreign modules, and refusals of mismatched inputs."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+from lightning.pytorch import LightningModule, seed_everything
+
+from attribution import DiffusionTask, FeatureStore, StoreMismatchError, featurize_batch, load_kernel
+from callbacks import CheckpointFeaturizer, FeaturizeSettings, TrakFeaturizeCallback
+from callbacks.featurizer import projector_from_meta
+from cli import main
+from conftest import CONFIGS
+from helpers import fit_trainer, small_data, tiny_module, tiny_unet
+from lightning_modules.checkpoint_meta import CheckpointMismatchError, data_identity
+
+SETTINGS = dict(proj_dim=32, num_draws=2, batch_size=64)
+
+
+def test_callback_writes_one_finalized_store_per_checkpoint_equal_to_the_core(tmp_path):
+    dm = small_data(tmp_path)
+    callback = TrakFeaturizeCallback(**SETTINGS)
+    fit_trainer(tmp_path / "run", [callback]).fit(tiny_module(), datamodule=dm)
+    ckpts = sorted((tmp_path / "run" / "checkpoints").glob("*.ckpt"))
+    assert [p.stem for p in ckpts] == ["step000002", "step000004"]
+    assert [p.name for p in callback.stores] == ["step000002", "step000004"]
+    for ckpt, store_path in zip(ckpts, callback.stores):
+        meta = FeatureStore.open(store_path, _meta(store_path), create=False)
+        assert meta.is_complete and load_kernel(meta).eigenvalues.shape == (32,)
+        assert meta.meta["checkpoint"]["file"] == str(ckpt)
+        # reference: the core API on the checkpoint's weights, rows in another order
+        module = tiny_module()
+        module.load_state_dict(torch.load(ckpt, weights_only=False)["state_dict"])
+        module.eval()
+        rows = torch.tensor([119, 3, 57, 0])
+        x0 = torch.stack([dm.full_dataset()[int(i)]["image"] for i in rows])
+        ref = featurize_batch(module.attribution_task(), module.unet, FeaturizeSettings(**SETTINGS).train_output(),
+                              projector_from_meta(meta.meta["projector"]), x0, rows)
+        assert torch.allclose(meta.read()[rows], ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))  # float32, other batch
+
+
+def _meta(path):
+    import json
+    return json.loads((path / "meta.json").read_text())
+
+
+def test_training_is_unaffected_by_the_callback(tmp_path):
+    dm = small_data(tmp_path)
+    weights = []
+    for name, callbacks in (("with", [TrakFeaturizeCallback(**SETTINGS)]), ("without", [])):
+        seed_everything(0)
+        module = tiny_module()
+        fit_trainer(tmp_path / name, callbacks, max_steps=5).fit(module, datamodule=dm)
+        weights.append(torch.cat([p.detach().flatten() for p in module.unet.parameters()]))
+    assert torch.equal(weights[0], weights[1])
+
+
+class FailAfter:
+    """A rows loader that dies after ``n`` batches, like a killed job."""
+
+    def __init__(self, dm, n):
+        self.dm, self.n = dm, n
+
+    def __call__(self, rows):
+        for i, batch in enumerate(self.dm.featurize_dataloader(rows.tolist(), batch_size=16)):
+            if i == self.n:
+                raise KeyboardInterrupt("killed")
+            yield batch
+
+
+def test_a_killed_run_resumes_with_only_the_missing_rows(tmp_path):
+    dm, module = small_data(tmp_path), tiny_module().eval()
+    featurizer = CheckpointFeaturizer(FeaturizeSettings(**SETTINGS))
+    ident, info = data_identity(dm), {"global_step": 0}
+    with pytest.raises(KeyboardInterrupt):
+        featurizer.run(module, FailAfter(dm, 3), ident, tmp_path / "killed", info, progress=False)
+    store = FeatureStore.open(tmp_path / "killed", _meta(tmp_path / "killed"), create=False)
+    assert int(store.done_mask().sum()) == 48 and not (tmp_path / "killed" / "kernel.json").exists()
+    loader = lambda rows: dm.featurize_dataloader(rows.tolist(), batch_size=16)
+    _, stats = featurizer.run(module, loader, ident, tmp_path / "killed", info, progress=False)
+    assert stats["rows"] == 120 - 48
+    _, full = featurizer.run(module, loader, ident, tmp_path / "whole", info, progress=False)
+    assert full["rows"] == 120
+    resumed = FeatureStore.open(tmp_path / "killed", _meta(tmp_path / "killed"), create=False)
+    whole = FeatureStore.open(tmp_path / "whole", _meta(tmp_path / "whole"), create=False)
+    assert torch.equal(resumed.read(), whole.read())
+    assert (tmp_path / "killed" / "kernel.json").exists()
+    _, again = featurizer.run(module, loader, ident, tmp_path / "whole", info, progress=False)
+    assert again["rows"] == 0  # a complete store is skipped
+
+
+def test_store_with_another_projection_seed_or_dataset_is_refused(tmp_path):
+    dm, module = small_data(tmp_path), tiny_module().eval()
+    loader = lambda rows: dm.featurize_dataloader(rows.tolist(), batch_size=64)
+    CheckpointFeaturizer(FeaturizeSettings(**SETTINGS)).run(module, loader, data_identity(dm), tmp_path / "s",
+                                                            {"global_step": 0}, progress=False)
+    other_seed = CheckpointFeaturizer(FeaturizeSettings(**SETTINGS, proj_seed=1))
+    with pytest.raises(StoreMismatchError, match="projector.seed"):
+        other_seed.run(module, loader, data_identity(dm), tmp_path / "s", {"global_step": 0}, progress=False)
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "noise.npy", rng.integers(0, 255, (120, 8, 8), dtype=np.uint8))
+    from datamodules import ArrayDataModule
+    other = ArrayDataModule(path=str(tmp_path / "noise.npy"))
+    with pytest.raises(StoreMismatchError, match="dataset_fingerprint"):
+        CheckpointFeaturizer(FeaturizeSettings(**SETTINGS)).run(
+            module, loader, data_identity(other), tmp_path / "s", {"global_step": 0}, progress=False)
+
+
+class ForeignDiffusion(LightningModule):
+    """Somebody else's minimal Lightning diffusion module: its own names, batches as tuples."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = tiny_unet()
+        self.sched = DDPMScheduler(num_train_timesteps=1000)
+
+    def training_step(self, batch, batch_idx):
+        x = batch["image"]
+        noise, t = torch.randn_like(x), torch.randint(0, 1000, (x.shape[0],))
+        return torch.nn.functional.mse_loss(self.net(self.sched.add_noise(x, noise, t), t).sample, noise)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.net.parameters(), lr=1e-3)
+
+
+class PluggedIn(ForeignDiffusion):
+    """The few lines a user adds to plug the callback in."""
+
+    def attribution_task(self):
+        return DiffusionTask.from_scheduler(self.sched)
+
+    def attribution_denoiser(self, ema=True):
+        return self.net
+
+    def attribution_inputs(self, batch):
+        return batch["image"], batch["index"], None
+
+
+def test_a_foreign_module_plugs_in_with_three_methods(tmp_path):
+    dm = small_data(tmp_path)
+    with pytest.raises(TypeError, match="attribution_task"):
+        fit_trainer(tmp_path / "a", [TrakFeaturizeCallback(**SETTINGS)]).fit(ForeignDiffusion(), datamodule=dm)
+    callback = TrakFeaturizeCallback(**SETTINGS)
+    fit_trainer(tmp_path / "b", [callback], max_steps=2).fit(PluggedIn(), datamodule=dm)
+    store = FeatureStore.open(callback.stores[0], _meta(callback.stores[0]), create=False)
+    assert store.is_complete and torch.isfinite(store.read()).all() and store.read().abs().sum() > 0
+
+
+def test_cli_featurize_matches_the_callback_and_refuses_mismatched_checkpoints(tmp_path):
+    smoke = str(CONFIGS / "smoke.yaml")
+    callback_dir = tmp_path / "run"
+    main(["fit", "--config", smoke, f"--trainer.default_root_dir={callback_dir}", "--trainer.max_steps=3",
+          "--trainer.callbacks+=callbacks.TrakFeaturizeCallback", "--trainer.callbacks.proj_dim=16",
+          "--trainer.callbacks.num_draws=1", "--trainer.callbacks.batch_size=256"])
+    ckpt = next((callback_dir / "checkpoints").glob("*.ckpt"))
+    main(["featurize", "--config", smoke, f"--checkpoints={ckpt.parent}", f"--out_dir={tmp_path / 'cli'}",
+          "--settings.proj_dim=16", "--settings.num_draws=1", "--settings.batch_size=256"])
+    by_callback = np.load(callback_dir / "features" / ckpt.stem / "features.npy")
+    by_cli = np.load(tmp_path / "cli" / ckpt.stem / "features.npy")
+    assert by_callback.shape == (1797, 16) and np.array_equal(by_callback, by_cli)
+    # a checkpoint of another architecture, and one trained on other data, are refused before any work
+    with pytest.raises(CheckpointMismatchError, match="model configuration"):
+        main(["featurize", "--config", smoke, f"--checkpoints={ckpt}", f"--out_dir={tmp_path / 'x'}",
+              "--model.init_args.unet.init_args.block_out_channels=[4, 8]"])
+    np.save(tmp_path / "noise.npy", np.random.default_rng(0).integers(0, 255, (1797, 8, 8), dtype=np.uint8))
+    with pytest.raises(CheckpointMismatchError, match="dataset_fingerprint"):
+        main(["featurize", "--config", smoke, f"--checkpoints={ckpt}", f"--out_dir={tmp_path / 'y'}",
+              "--data=datamodules.ArrayDataModule", f"--data.path={tmp_path / 'noise.npy'}"])
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -137,12 +137,13 @@ class DDPMModule(LightningModule):
 
     def log_sample_grid(self, tag: Optional[str] = None) -> Optional[Path]:
         """Sample the grid, write it to ``<log_dir>/samples/<tag>.png`` and to TensorBoard."""
+        log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
         if not self.trainer.is_global_zero:
             return None
         seeds = range(self.hparams.sample_seed, self.hparams.sample_seed + self.hparams.num_samples)
         images = self.sample(list(seeds), self.hparams.sample_inference_steps).images
         tag = tag or f"epoch_{self.current_epoch:04d}"
-        path = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "samples" / f"{tag}.png"
+        path = Path(log_dir or self.trainer.default_root_dir) / "samples" / f"{tag}.png"
         grid = save_grid(images, path, upscale=max(1, 32 // images.shape[-1]))
         experiment = getattr(self.logger, "experiment", None)
         if hasattr(experiment, "add_image"):

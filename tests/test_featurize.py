@@ -169,3 +169,36 @@ def test_cli_featurize_matches_the_callback_and_refuses_mismatched_checkpoints(t
         main(["featurize", "--config", smoke, f"--checkpoints={ckpt}", f"--out_dir={tmp_path / 'y'}",
               "--data=datamodules.ArrayDataModule", f"--data.path={tmp_path / 'noise.npy'}"])
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_ddp_featurizes_every_example_exactly_once_and_equals_one_process(tmp_path, monkeypatch):
+    """Two CPU processes (gloo, forked): disjoint row shares covering all N, features equal to one process."""
+    import os
+    log_dir = tmp_path / "rows"
+    log_dir.mkdir()
+    original = FeatureStore.write
+
+    def logging_write(self, rows, features, weights=None):
+        with open(log_dir / f"rank{os.getpid()}.txt", "a") as f:
+            f.write(" ".join(str(int(r)) for r in rows) + "\n")
+        return original(self, rows, features, weights)
+
+    monkeypatch.setattr(FeatureStore, "write", logging_write)
+    dm = small_data(tmp_path, n=101)  # odd N: uneven shares
+    seed_everything(0)
+    fit_trainer(tmp_path / "ddp", [TrakFeaturizeCallback(**SETTINGS)], max_steps=2, strategy="ddp_fork",
+                devices=2).fit(tiny_module(), datamodule=dm)
+    per_process = [[int(r) for line in p.read_text().split() for r in [line]] for p in log_dir.glob("rank*.txt")]
+    assert len(per_process) == 2
+    assert not set(per_process[0]) & set(per_process[1])
+    assert sorted(per_process[0] + per_process[1]) == list(range(101))
+    store_dir = tmp_path / "ddp" / "features" / "step000002"
+    ddp = np.load(store_dir / "features.npy")
+    module = tiny_module()
+    module.load_state_dict(torch.load(tmp_path / "ddp" / "checkpoints" / "step000002.ckpt",
+                                      weights_only=False)["state_dict"])
+    loader = lambda rows: dm.featurize_dataloader(rows.tolist(), batch_size=64)
+    store, _ = CheckpointFeaturizer(FeaturizeSettings(**SETTINGS)).run(
+        module, loader, data_identity(dm), tmp_path / "single", {"global_step": 2}, progress=False)
+    assert np.allclose(ddp, store.read().numpy(), rtol=1e-4, atol=1e-4 * np.abs(ddp).max())
+    assert (store_dir / "kernel.json").exists()

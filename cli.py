@@ -31,10 +31,10 @@ class AttributionCLI(LightningCLI):
         return {**LightningCLI.subcommands(), **PROJECT_SUBCOMMANDS}
 
 
-def main(args: Optional[list[str]] = None) -> AttributionCLI:
+def main(args: Optional[list[str]] = None, run: bool = True) -> AttributionCLI:
     return AttributionCLI(
         LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-        trainer_class=AttributionTrainer, save_config_kwargs={"overwrite": True}, args=args,
+        trainer_class=AttributionTrainer, save_config_kwargs={"overwrite": True}, args=args, run=run,
     )
 
 

@@ -156,6 +156,7 @@ def test_cli_featurize_matches_the_callback_and_refuses_mismatched_checkpoints(t
           "--trainer.callbacks.num_draws=1", "--trainer.callbacks.batch_size=256"])
     ckpt = next((callback_dir / "checkpoints").glob("*.ckpt"))
     main(["featurize", "--config", smoke, f"--checkpoints={ckpt.parent}", f"--out_dir={tmp_path / 'cli'}",
+          f"--trainer.default_root_dir={tmp_path}",
           "--settings.proj_dim=16", "--settings.num_draws=1", "--settings.batch_size=256"])
     by_callback = np.load(callback_dir / "features" / ckpt.stem / "features.npy")
     by_cli = np.load(tmp_path / "cli" / ckpt.stem / "features.npy")
@@ -163,10 +164,12 @@ def test_cli_featurize_matches_the_callback_and_refuses_mismatched_checkpoints(t
     # a checkpoint of another architecture, and one trained on other data, are refused before any work
     with pytest.raises(CheckpointMismatchError, match="model configuration"):
         main(["featurize", "--config", smoke, f"--checkpoints={ckpt}", f"--out_dir={tmp_path / 'x'}",
+              f"--trainer.default_root_dir={tmp_path}",
               "--model.init_args.unet.init_args.block_out_channels=[4, 8]"])
     np.save(tmp_path / "noise.npy", np.random.default_rng(0).integers(0, 255, (1797, 8, 8), dtype=np.uint8))
     with pytest.raises(CheckpointMismatchError, match="dataset_fingerprint"):
         main(["featurize", "--config", smoke, f"--checkpoints={ckpt}", f"--out_dir={tmp_path / 'y'}",
+              f"--trainer.default_root_dir={tmp_path}",
               "--data=datamodules.ArrayDataModule", f"--data.path={tmp_path / 'noise.npy'}"])
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 

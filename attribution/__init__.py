@@ -14,7 +14,7 @@ from .gradients import (featurize_batch, loop_gradients, num_parameters, paramet
 from .outputs import Draws, ModelOutput, StepOutput, TrainLoss, make_output
 from .projectors import DenseProjector, IdentityProjector, Projector, SparseProjector, make_projector
 from .scoring import (Kernel, TopK, dense_scores_float64, finalize, iter_score_blocks, lambda_sweep, load_kernel,
-                      score, topk_scores)
+                      relative_lambda, score, topk_scores)
 from .seeding import checkpoint_seed, cpu_generator, mix_seed
 from .store import FeatureStore, StoreMismatchError
 from .task import DiffusionTask, math_attention
@@ -26,8 +26,26 @@ __all__ = [
     "Draws", "ModelOutput", "StepOutput", "TrainLoss", "make_output",
     "DenseProjector", "IdentityProjector", "Projector", "SparseProjector", "make_projector",
     "Kernel", "TopK", "dense_scores_float64", "finalize", "iter_score_blocks", "lambda_sweep", "load_kernel",
+    "relative_lambda",
     "score", "topk_scores",
     "checkpoint_seed", "cpu_generator", "mix_seed",
     "FeatureStore", "StoreMismatchError",
     "DiffusionTask", "math_attention",
+]
+
+# Counterfactual evaluation: LDS statistics and baselines (figures: `attribution.plots`, lazy matplotlib).
+# `lds` itself is exported as `linear_datamodeling_score` so that `attribution.lds` stays the module.
+from .baselines import (SmallConvClassifier, class_fraction, classifier_features, embedding_cosine_scores,
+                        fid_from_features, pixel_cosine_scores, random_scores, topk_indices, torchmetrics_fid,
+                        train_classifier)
+from .lds import (LambdaChoice, LDSResult, SeedNoiseCeiling, choose_lambda_heldout, lds_per_lambda, lds_table,
+                  linear_datamodeling_score, paired_difference, predicted_outputs, seed_noise_ceiling,
+                  spearman_columns, split_targets, write_table)
+
+__all__ += [
+    "SmallConvClassifier", "class_fraction", "classifier_features", "embedding_cosine_scores", "fid_from_features",
+    "pixel_cosine_scores", "random_scores", "topk_indices", "torchmetrics_fid", "train_classifier",
+    "LambdaChoice", "LDSResult", "SeedNoiseCeiling", "choose_lambda_heldout", "lds_per_lambda", "lds_table",
+    "linear_datamodeling_score", "paired_difference", "predicted_outputs", "seed_noise_ceiling",
+    "spearman_columns", "split_targets", "write_table",
 ]

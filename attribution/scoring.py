@@ -47,7 +47,7 @@ from torch import Tensor
 from . import _checks
 from .store import FeatureStore, atomic_save_npy, atomic_write_json
 
-__all__ = ["Kernel", "finalize", "load_kernel", "score", "iter_score_blocks", "topk_scores", "TopK",
+__all__ = ["Kernel", "finalize", "load_kernel", "relative_lambda", "score", "iter_score_blocks", "topk_scores", "TopK",
            "lambda_sweep", "dense_scores_float64"]
 
 log = logging.getLogger(__name__)
@@ -138,13 +138,31 @@ def _check_targets(stores, targets) -> list[Tensor]:
     return [G.detach().cpu().to(torch.float64) for G in targets]
 
 
+def _per_store_lambdas(lam, num_stores: int) -> list[float]:
+    if isinstance(lam, (int, float)):
+        return [lam] * num_stores
+    lams = list(lam)
+    if len(lams) != num_stores:
+        raise ValueError(f"Expected `lam` to be one float or one per store ({num_stores}), but got {len(lams)} values")
+    return lams
+
+
+def relative_lambda(kernel: Kernel, lam: float) -> float:
+    """An absolute ridge from one relative to the kernel's scale: ``lam * mean eigenvalue`` (= trace / d)."""
+    return float(lam) * float(kernel.eigenvalues.clamp(min=0).mean())
+
+
 def iter_score_blocks(stores: Sequence[FeatureStore], target_grads_per_store: Sequence[Tensor], lam: float,
                       train_weights: Weights = None, block_rows: int = 8192,
                       kernels: Optional[Sequence[Kernel]] = None) -> Iterator[tuple[int, int, Tensor]]:
-    """Stream the checkpoint-averaged scores: yields ``(start, stop, scores (rows, B) float64)``."""
+    """Stream the checkpoint-averaged scores: yields ``(start, stop, scores (rows, B) float64)``.
+
+    ``lam`` is one ridge for every store or a sequence with one per store (see :func:`relative_lambda`).
+    """
     targets = _check_targets(stores, target_grads_per_store)
     kernels = kernels or [load_kernel(s) for s in stores]
-    solved = [k.solve(G, lam) for k, G in zip(kernels, targets)]
+    lams = _per_store_lambdas(lam, len(stores))
+    solved = [k.solve(G, lam_m) for k, G, lam_m in zip(kernels, targets, lams)]
     weights = _per_store_weights(stores, train_weights)
     for start, stop in stores[0].row_blocks(block_rows):
         acc = torch.zeros(stop - start, targets[0].shape[0], dtype=torch.float64)

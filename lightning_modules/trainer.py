@@ -17,11 +17,15 @@ from callbacks.featurizer import CheckpointFeaturizer, FeaturizeSettings
 from callbacks.protocol import check_protocol
 from callbacks.trak_featurize import TrakFeaturizeCallback
 from lightning_modules.checkpoint_meta import CheckpointMismatchError, check_identity
+from attribution.trajectory import from_samples, real_image_target, save_targets
 from lightning_modules.featurize_runner import FeaturizeRunner
+from lightning_modules.images import save_grid
 
 PROJECT_SUBCOMMANDS: dict[str, set[str]] = {
     "masks": {"model", "datamodule"},
     "featurize": {"model", "datamodule"},
+    "sample": {"model", "datamodule"},
+    "score": {"model", "datamodule"},
 }
 
 
@@ -64,11 +68,61 @@ class AttributionTrainer(Trainer):
             rank_zero_info(f"featurized {result['rows']} rows into {result['store']} in {result['seconds']:.1f} s")
         return [store for _, store in jobs]
 
+    def sample(self, model: LightningModule, datamodule: LightningDataModule, checkpoint: str, out_dir: str,
+               num_targets: int = 4, seed: int = 0, num_inference_steps: Optional[int] = None,
+               num_record_steps: int = 10, record_steps: Optional[list[int]] = None,
+               real_indices: Optional[list[int]] = None) -> Path:
+        """Generate targets from a checkpoint and record their trajectories (and real images as targets).
+
+        Args:
+            checkpoint: the checkpoint to sample from (checked against the model and data first).
+            out_dir: folder for target_XXXX.pt, targets.json and targets.png.
+            num_targets: how many images to generate; target i uses seed `seed + i`.
+            seed: seed of the first target.
+            num_inference_steps: sampling steps (default: all training timesteps).
+            num_record_steps: record this many evenly spaced steps (when `record_steps` is not given).
+            record_steps: the timesteps to record (each must be on the sampling schedule).
+            real_indices: training images (global indices) to add as targets, noised to the recorded steps.
+        """
+        check_checkpoint(Path(checkpoint), model, datamodule)
+        model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"])
+        model.to(self.strategy.root_device).eval()
+        steps = record_steps or evenly_spaced_steps(model.noise_scheduler, num_inference_steps, num_record_steps)
+        result = model.sample(list(range(seed, seed + num_targets)), num_inference_steps, record=True,
+                              record_steps=steps)
+        info = {"checkpoint": str(checkpoint), "num_inference_steps": num_inference_steps}
+        targets = from_samples(result, first_id=0, info=info)
+        for j, index in enumerate(real_indices or []):
+            image = datamodule.images([index])[0].to(model.device)
+            targets.append(real_image_target(lambda x, t: model.predict_noise(x, t), model.alphas_cumprod, image,
+                                             steps, seed=seed + num_targets + j, target_id=num_targets + j,
+                                             index=index, info=info))
+        folder = save_targets(targets, out_dir)
+        save_grid(torch.stack([t.final for t in targets]), folder / "targets.png", upscale=4)
+        rank_zero_info(f"recorded {len(targets)} targets at steps {list(steps)} in {folder}")
+        return folder
+
+    def score(self, model: LightningModule, datamodule: Optional[LightningDataModule] = None) -> None:
+        """Score recorded targets (the same as `predict` with an AttributionModule)."""
+        self.predict(model, datamodule=datamodule, return_predictions=False)
+
     def _callback_settings(self) -> Optional[FeaturizeSettings]:
         for callback in self.callbacks:
             if isinstance(callback, TrakFeaturizeCallback):
                 return callback.settings
         return None
+
+
+def evenly_spaced_steps(scheduler, num_inference_steps: Optional[int], count: int) -> list[int]:
+    """``count`` timesteps spread evenly over the sampling schedule (first and last included)."""
+    import copy
+
+    import numpy as np
+    scheduler = copy.deepcopy(scheduler)
+    scheduler.set_timesteps(num_inference_steps or scheduler.config.num_train_timesteps)
+    timesteps = scheduler.timesteps.tolist()
+    positions = np.unique(np.linspace(0, len(timesteps) - 1, min(count, len(timesteps))).round().astype(int))
+    return [int(timesteps[p]) for p in positions]
 
 
 def find_checkpoints(checkpoints: str) -> list[Path]:

@@ -150,3 +150,26 @@ def test_loss_gradient_form_matches_its_closed_form(tmp_path, regression):
     # a different estimator, but with homoscedastic noise it ranks like the exact LOO effect
     exact = (_refit_without_each(X, y) - theta) @ target
     assert spearmanr(tau, exact).statistic > 0.99  # measured ~0.998
+
+
+def test_one_lambda_per_store_equals_separate_dense_solves(tmp_path):
+    from attribution import FeatureStore, finalize, iter_score_blocks, load_kernel, relative_lambda
+    from attribution.scoring import dense_scores_float64
+
+    g = torch.Generator().manual_seed(3)
+    Phis = [torch.randn(40, 6, generator=g, dtype=torch.float64) for _ in range(2)]
+    Gs = [torch.randn(3, 6, generator=g, dtype=torch.float64) for _ in range(2)]
+    stores = []
+    for m, Phi in enumerate(Phis):
+        store = FeatureStore.open(tmp_path / f"s{m}", {"N": 40, "d": 6, "dtype": "float32"})
+        store.write(torch.arange(40), Phi.float())
+        finalize(store)
+        stores.append(store)
+    lams = [relative_lambda(load_kernel(s), 0.1) for s in stores]
+    assert lams[0] == pytest.approx(0.1 * float(torch.linalg.eigvalsh(stores[0].read(dtype=torch.float64).T
+                                                                       @ stores[0].read(dtype=torch.float64)).mean()))
+    got = torch.cat([b for _, _, b in iter_score_blocks(stores, [G.float() for G in Gs], lams, block_rows=7)])
+    ref = sum(dense_scores_float64(s.read(dtype=torch.float64), G, lam) for s, G, lam in zip(stores, Gs, lams)) / 2
+    assert torch.allclose(got, ref, rtol=1e-6, atol=1e-9)
+    with pytest.raises(ValueError, match="one per store"):
+        next(iter_score_blocks(stores, Gs, [0.1]))

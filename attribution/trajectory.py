@@ -1,0 +1,129 @@
+"""Targets: recorded denoising trajectories, saved one file per target.
+
+A target is what gets attributed: the seed that reproduces its sampling, the latent ``x_t`` and the
+one-step estimate ``x0_hat_t`` at the recorded steps, the final image, the conditioning (and its
+prompt) when there is one. A real image can be a target too: it is noised to each step ``t`` with
+noise drawn from a recorded seed, and the model's ``x0_hat_t`` is computed from that ``x_t``.
+
+Files: ``<folder>/target_0000.pt`` ... (``torch.save`` of a plain dict, fast to load) and
+``<folder>/targets.json`` (an index: ids, seeds, steps, sources), each written atomically.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .diffusion import add_noise, x0_hat
+from .sampling import SampleResult
+from .seeding import cpu_generator
+from .store import atomic_write_json
+
+_REAL_NOISE_STREAM = 31
+
+
+@dataclass
+class Trajectory:
+    """One target. Shapes: ``timesteps (S,)``, ``x_t`` and ``x0_hat`` ``(S, C, H, W)``, ``final (C, H, W)``,
+    ``cond`` None or ``(L, D)``; ``source`` is "sampled" or "real:<global index>"."""
+
+    target_id: int
+    seed: int
+    timesteps: Tensor
+    x_t: Tensor
+    x0_hat: Tensor
+    final: Tensor
+    source: str = "sampled"
+    cond: Optional[Tensor] = None
+    prompt: Optional[str] = None
+    info: dict = field(default_factory=dict)
+
+    def save(self, path: str | Path) -> None:
+        """``torch.save`` through a temp file and ``os.replace``."""
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        torch.save(asdict(self), tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Trajectory":
+        return cls(**torch.load(path, map_location="cpu", weights_only=False))
+
+    def summary(self) -> dict:
+        return {"target_id": self.target_id, "seed": self.seed, "source": self.source, "prompt": self.prompt,
+                "timesteps": [int(t) for t in self.timesteps], "file": target_file_name(self.target_id)}
+
+
+def target_file_name(target_id: int) -> str:
+    return f"target_{int(target_id):04d}.pt"
+
+
+def from_samples(result: SampleResult, first_id: int = 0, cond: Optional[Tensor] = None,
+                 prompts: Optional[Sequence[str]] = None, info: Optional[dict] = None) -> list[Trajectory]:
+    """Split a recorded ``SampleResult`` into one ``Trajectory`` per sample (ids ``first_id, first_id + 1, ...``)."""
+    if result.x_t is None:
+        raise ValueError("Expected a SampleResult recorded with `record=True`, but it holds no trajectory")
+    return [Trajectory(target_id=first_id + i, seed=int(result.seeds[i]), timesteps=result.timesteps.clone(),
+                       x_t=result.x_t[i].clone(), x0_hat=result.x0_hat[i].clone(), final=result.images[i].clone(),
+                       cond=None if cond is None else cond[i].detach().cpu(),
+                       prompt=None if prompts is None else prompts[i], info=dict(info or {}))
+            for i in range(len(result.seeds))]
+
+
+@torch.no_grad()
+def real_image_target(predict_noise: Callable[[Tensor, Tensor], Tensor], alphas_cumprod: Tensor, image: Tensor,
+                      steps: Sequence[int], seed: int, target_id: int, index: Optional[int] = None,
+                      cond: Optional[Tensor] = None, info: Optional[dict] = None) -> Trajectory:
+    """Attribute an existing picture: noise ``image (C,H,W)`` to each step with noise from ``(seed, t)``.
+
+    ``predict_noise(x_t (S,C,H,W), t (S,)) -> eps`` is the model; ``x0_hat_t`` is its one-step estimate.
+    """
+    t = torch.as_tensor(list(steps), dtype=torch.long)
+    noise = torch.stack([torch.randn(image.shape, generator=cpu_generator(seed, _REAL_NOISE_STREAM, int(s)))
+                         for s in t]).to(image.device, image.dtype)
+    abar = alphas_cumprod.to(image.device)
+    x_t = add_noise(image.unsqueeze(0).expand_as(noise), noise, t.to(image.device), abar)
+    estimate = x0_hat(x_t, predict_noise(x_t, t.to(image.device)), t.to(image.device), abar)
+    return Trajectory(target_id=target_id, seed=seed, timesteps=t, x_t=x_t.cpu(), x0_hat=estimate.cpu(),
+                      final=image.cpu(), source="real" if index is None else f"real:{int(index)}",
+                      cond=None if cond is None else cond.cpu(), info=dict(info or {}))
+
+
+def save_targets(trajectories: Sequence[Trajectory], folder: str | Path) -> Path:
+    """Write every trajectory and (re)write the folder's ``targets.json`` index; returns the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    index = _read_index(folder)
+    for traj in trajectories:
+        traj.save(folder / target_file_name(traj.target_id))
+        index[str(traj.target_id)] = traj.summary()
+    atomic_write_json(folder / "targets.json", {"targets": [index[k] for k in sorted(index, key=int)]})
+    return folder
+
+
+def _read_index(folder: Path) -> dict:
+    path = folder / "targets.json"
+    if not path.exists():
+        return {}
+    return {str(t["target_id"]): t for t in json.loads(path.read_text())["targets"]}
+
+
+def load_targets(folder: str | Path, target_ids: Optional[Sequence[int]] = None) -> list[Trajectory]:
+    """Load the targets listed in ``<folder>/targets.json`` (optionally only ``target_ids``)."""
+    folder = Path(folder)
+    index = _read_index(folder)
+    if not index:
+        raise FileNotFoundError(f"Expected recorded targets in `targets` folder {str(folder)!r} (a targets.json "
+                                f"written by `cli.py sample`), but found none")
+    ids = sorted(int(k) for k in index) if target_ids is None else [int(i) for i in target_ids]
+    missing = [i for i in ids if str(i) not in index]
+    if missing:
+        raise KeyError(f"Expected target ids among {sorted(int(k) for k in index)}, but got {missing}")
+    return [Trajectory.load(folder / index[str(i)]["file"]) for i in ids]

@@ -1,0 +1,35 @@
+"""Rebuild a diffusion LightningModule from a checkpoint file, whatever its class."""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Optional
+
+import torch
+from lightning.pytorch import LightningModule
+
+
+def _import(class_path: str):
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def load_diffusion_module(path: str | Path, class_path: Optional[str] = None,
+                          map_location: str | torch.device = "cpu") -> LightningModule:
+    """The module saved in checkpoint ``path``, in eval mode.
+
+    The class comes from ``class_path`` or the ``_class_path`` that LightningCLI records in the
+    hyperparameters; it is rebuilt with its ``from_checkpoint`` classmethod when it has one (our
+    modules: the UNet configuration is stored in the checkpoint), else ``load_from_checkpoint``.
+    """
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    class_path = class_path or checkpoint.get("hyper_parameters", {}).get("_class_path")
+    if class_path is None:
+        raise ValueError(f"Cannot tell which LightningModule checkpoint {path} holds: pass `class_path` "
+                         f"(e.g. 'lightning_modules.DDPMModule')")
+    cls = _import(class_path)
+    if hasattr(cls, "from_checkpoint"):
+        module = cls.from_checkpoint(path, map_location=map_location)
+    else:
+        module = cls.load_from_checkpoint(path, map_location=map_location)
+    return module.eval()

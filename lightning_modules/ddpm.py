@@ -167,6 +167,7 @@ class DDPMModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         write_identity(checkpoint, data_identity(self.trainer.datamodule))
         checkpoint["unet_config"] = dict(self.unet.config)
+        checkpoint["module_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "DDPMModule":

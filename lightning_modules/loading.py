@@ -18,12 +18,13 @@ def load_diffusion_module(path: str | Path, class_path: Optional[str] = None,
                           map_location: str | torch.device = "cpu") -> LightningModule:
     """The module saved in checkpoint ``path``, in eval mode.
 
-    The class comes from ``class_path`` or the ``_class_path`` that LightningCLI records in the
-    hyperparameters; it is rebuilt with its ``from_checkpoint`` classmethod when it has one (our
+    The class comes from ``class_path``, the ``module_class`` our modules record in their checkpoints,
+    or the ``_class_path`` that LightningCLI records in the hyperparameters; it is rebuilt with its ``from_checkpoint`` classmethod when it has one (our
     modules: the UNet configuration is stored in the checkpoint), else ``load_from_checkpoint``.
     """
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    class_path = class_path or checkpoint.get("hyper_parameters", {}).get("_class_path")
+    class_path = (class_path or checkpoint.get("module_class")
+                  or checkpoint.get("hyper_parameters", {}).get("_class_path"))
     if class_path is None:
         raise ValueError(f"Cannot tell which LightningModule checkpoint {path} holds: pass `class_path` "
                          f"(e.g. 'lightning_modules.DDPMModule')")

@@ -1,0 +1,48 @@
+"""The sign convention, checked empirically (SPEC): on a model that memorized a handful of training images,
+the training image nearest to a generated sample gets a strongly positive score at late (low-noise) steps."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from attribution.trajectory import from_samples, save_targets
+from callbacks import TrakFeaturizeCallback
+from datamodules import ArrayDataModule, DigitsDataModule
+from helpers import tiny_module
+from lightning_modules import AttributionModule
+
+STEPS = [500, 200, 100, 50]
+
+
+def test_nearest_training_image_of_a_memorized_sample_is_the_top_positive_influencer(tmp_path):
+    images = ((DigitsDataModule().images(range(8)) + 1) * 127.5).round().byte().numpy()[:, 0]  # digits 0..7
+    np.save(tmp_path / "few.npy", images)
+    dm = ArrayDataModule(path=str(tmp_path / "few.npy"), batch_size=8)
+    seed_everything(0)
+    module = tiny_module(lr=5e-3)
+    checkpoints = ModelCheckpoint(every_n_train_steps=150, save_top_k=-1, filename="s{step}")
+    featurize = TrakFeaturizeCallback(proj_dim=512, num_draws=32, batch_size=8)  # an ensemble of 4 checkpoints
+    Trainer(accelerator="cpu", max_steps=600, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, callbacks=[checkpoints, featurize]).fit(module, datamodule=dm)
+    module.eval()
+    result = module.sample([0, 1, 2], 100, record=True, record_steps=[990, *STEPS, 0])
+    distances = ((result.images[:, None] - dm.images(range(8))[None]) ** 2).flatten(2).sum(-1)
+    nearest = distances.argmin(1)
+    assert (distances.min(1).values * 5 < distances.sort(1).values[:, 1]).all()  # the samples are memorized
+    save_targets(from_samples(result), tmp_path / "targets")
+    scoring = AttributionModule(features=str(tmp_path / "features"), targets=str(tmp_path / "targets"),
+                                num_draws=32, lam=0.1, steps=STEPS)
+    Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, inference_mode=False).predict(
+        scoring, datamodule=dm, return_predictions=False)
+    top1 = positive = 0
+    for target in range(3):
+        scores = torch.load(tmp_path / "scores" / f"target_{target:04d}.pt", weights_only=False)["scores"]
+        top1 += int((scores.argmax(0) == nearest[target]).sum())
+        positive += int((scores[nearest[target]] > 0).sum())
+    print(f"nearest image top-1 in {top1}/12 pairs, positive in {positive}/12")
+    # 12 (target, step) pairs; chance would give 1.5 top-1 hits (P(>= 4) < 0.07) and 6 positive scores;
+    # a flipped sign would make the nearest image a top *negative* influencer
+    assert top1 >= 4, top1
+    assert positive >= 10, positive

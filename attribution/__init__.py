@@ -49,3 +49,11 @@ __all__ += [
     "linear_datamodeling_score", "paired_difference", "predicted_outputs", "seed_noise_ceiling",
     "spearman_columns", "split_targets", "write_table",
 ]
+
+# Fast featurizing paths (issue 8): per-layer Kronecker projector, hashed blocked sparse JL, vmap/loop choice.
+from .fastpath import CPU_VMAP_MAX_PARAMS, choose_gradient_path, featurize_batch_auto  # noqa: E402
+from .layerwise import LayerwiseProjector, featurize_batch_layerwise  # noqa: E402
+from .sparse_fast import HashedSparseProjector  # noqa: E402
+
+__all__ += ["CPU_VMAP_MAX_PARAMS", "choose_gradient_path", "featurize_batch_auto", "LayerwiseProjector",
+            "featurize_batch_layerwise", "HashedSparseProjector"]

@@ -1,0 +1,99 @@
+"""Pick the fastest featurizing path: layerwise hooks, vmap, or a loop of backward passes.
+
+* ``projector.kind == "layerwise"``: :func:`~attribution.layerwise.featurize_batch_layerwise`
+  (one batched backward, no per-example gradient vector).
+* otherwise per-example gradients are needed; :func:`choose_gradient_path` picks ``"vmap"``
+  (:func:`~attribution.gradients.per_example_gradients`) or ``"loop"``
+  (:func:`~attribution.gradients.loop_gradients`), then ``projector.project``.
+
+Threshold (measured on the 2-core CPU machine, benchmarks/core_timing.py and
+benchmarks/featurize.py): vmap wins for small models (700k params: ~4.5 ms vs 15-22 ms per
+example; digits UNet 650k params likewise) and loses at 35.7M parameters (CIFAR UNet: ~416 ms vs
+~316 ms per example), because vmap materializes and reduces a batch of weight gradients per
+layer. On CPU the switch is at ``CPU_VMAP_MAX_PARAMS`` = 8M parameters (between the measured
+points); on an accelerator vmap is kept (batched kernels, no measurement here says otherwise).
+``choose_gradient_path(..., probe=...)`` instead times both paths on two examples.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import _checks
+from .gradients import loop_gradients, num_parameters, per_example_gradients
+
+__all__ = ["CPU_VMAP_MAX_PARAMS", "choose_gradient_path", "featurize_batch_auto"]
+
+log = logging.getLogger(__name__)
+
+CPU_VMAP_MAX_PARAMS = 8_000_000
+
+
+def choose_gradient_path(model: torch.nn.Module, sample_shape: Sequence[int], device=None,
+                         param_names: Optional[Sequence[str]] = None,
+                         probe: Optional[Callable[[str], None]] = None) -> str:
+    """``"vmap"`` or ``"loop"`` for per-example gradients of ``model``.
+
+    Args:
+        model: the denoiser.
+        sample_shape: shape of one sample (recorded in the log; the threshold is on ``p``).
+        device: where the gradients run (default: the model's parameters' device).
+        param_names: differentiated parameters (None = all trainable).
+        probe: optional ``probe(path)`` that runs a small featurization with that path; when
+            given, both paths are timed once each (after one warm-up) and the faster wins.
+    """
+    if probe is not None:
+        timings = {}
+        for path in ("vmap", "loop"):
+            probe(path)
+            start = time.perf_counter()
+            probe(path)
+            timings[path] = time.perf_counter() - start
+        choice = min(timings, key=timings.get)
+        log.info("gradient path by probe: %s (%s)", choice, {k: f"{v:.3f}s" for k, v in timings.items()})
+        return choice
+    p = num_parameters(model, param_names)
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    choice = "vmap" if dev.type != "cpu" or p <= CPU_VMAP_MAX_PARAMS else "loop"
+    log.info("gradient path: %s (p = %d, device %s, sample %s)", choice, p, dev, tuple(sample_shape))
+    return choice
+
+
+def featurize_batch_auto(task, model: torch.nn.Module, output_fn, projector, x0: Tensor, keys: Tensor,
+                         cond: Optional[Tensor] = None, steps: Optional[Tensor] = None,
+                         param_names: Optional[Sequence[str]] = None, chunk_size: Optional[int] = None,
+                         gradient_path: str = "auto") -> Tensor:
+    """:func:`~attribution.gradients.featurize_batch` with the fastest path for ``projector``.
+
+    ``gradient_path`` in ``"auto"``, ``"vmap"``, ``"loop"`` (ignored for a layerwise projector,
+    which defines its own parameters: ``param_names`` must then be None).
+
+    Returns:
+        ``(B, d)`` float32 features, identical (up to float rounding) whatever the path.
+    """
+    _checks.one_of("gradient_path", gradient_path, ("auto", "vmap", "loop"))
+    if getattr(projector, "kind", None) == "layerwise":
+        if param_names is not None:
+            raise ValueError("Expected `param_names` None with a layerwise projector (it selects its own), "
+                             f"but got {list(param_names)[:3]}")
+        from .layerwise import featurize_batch_layerwise
+        return featurize_batch_layerwise(task, model, output_fn, projector, x0, keys, cond, steps,
+                                         chunk_size=chunk_size)
+    keys = _checks.long_vector("keys", keys, x0.shape[0])
+    p = num_parameters(model, param_names)
+    if projector.p != p:
+        raise ValueError(f"Expected `projector.p` to equal the number of differentiated parameters {p}, "
+                         f"but got {projector.p}")
+    path = choose_gradient_path(model, x0.shape[1:], x0.device, param_names) if gradient_path == "auto" \
+        else gradient_path
+    draws = output_fn.draws(keys, x0.shape[1:], steps, num_train_timesteps=task.num_train_timesteps,
+                            device=x0.device, dtype=x0.dtype)
+    if path == "vmap":
+        grads = per_example_gradients(task, model, output_fn, x0.detach(), draws, cond, param_names, chunk_size)
+    else:
+        grads = loop_gradients(task, model, output_fn, x0.detach(), draws, cond, param_names)
+    return projector.project(grads).float()

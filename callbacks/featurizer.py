@@ -17,13 +17,19 @@ from typing import Any, Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from attribution import (FeatureStore, checkpoint_seed, featurize_batch, finalize, make_output, make_projector,
-                         num_parameters, parameter_order)
+from attribution import (FeatureStore, checkpoint_seed, finalize, make_output, make_projector, num_parameters,
+                         parameter_order)
+from attribution.fastpath import featurize_batch_auto
+from attribution.layerwise import LayerwiseProjector
+from attribution.sparse_fast import HashedSparseProjector
 from attribution.outputs import ModelOutput
 from attribution.projectors import Projector
 from callbacks.protocol import AttributableDiffusion
 
 log = logging.getLogger(__name__)
+
+
+PROJECTORS = ("sparse", "sparse_hash", "layerwise", "gaussian", "rademacher")
 
 
 @dataclass
@@ -32,7 +38,9 @@ class FeaturizeSettings:
 
     Args:
         proj_dim: d, the projected feature dimension.
-        projector: "sparse" (sparse JL, fast on CPU), "gaussian" or "rademacher" (dense reference).
+        projector: "sparse" (sparse JL), "sparse_hash" (blocked sparse JL with hashed indices),
+            "layerwise" (per-layer Kronecker factors from hooks: no per-example gradient is ever formed,
+            the fastest on large models), "gaussian" or "rademacher" (dense reference).
         proj_seed: experiment seed of the projections; checkpoint m uses checkpoint_seed(proj_seed, id_m).
         num_draws: K, (timestep, noise) draws per example averaged in the training loss.
         draw_seed: seed of the draws; draws for example i depend only on (i, draw_seed).
@@ -64,8 +72,11 @@ class FeaturizeSettings:
                 raise ValueError(f"Expected `{name}` to be a positive int, but got {getattr(self, name)}")
         if self.output not in ("loss", "square"):
             raise ValueError(f"Expected `output` to be 'loss' or 'square', but got {self.output!r}")
-        if self.projector not in ("sparse", "gaussian", "rademacher"):
-            raise ValueError(f"Expected `projector` in ('sparse', 'gaussian', 'rademacher'), but got {self.projector!r}")
+        if self.projector not in PROJECTORS:
+            raise ValueError(f"Expected `projector` in {PROJECTORS}, but got {self.projector!r}")
+        if self.projector == "layerwise" and self.param_names is not None:
+            raise ValueError("Expected `param_names` None with the layerwise projector (it covers every Linear, "
+                             f"Conv2d and norm layer), but got {self.param_names[:3]}")
 
     def train_output(self) -> ModelOutput:
         return make_output(f"train_{self.output}", num_draws=self.num_draws, seed=self.draw_seed,
@@ -82,8 +93,26 @@ def weights_hash(model: torch.nn.Module, param_names: Optional[list[str]] = None
     return h.hexdigest()[:16]
 
 
-def projector_from_meta(description: dict) -> Projector:
-    """Rebuild the projector recorded in a store's metadata (``Projector.describe()``)."""
+def make_settings_projector(kind: str, model: torch.nn.Module, d: int, seed: int,
+                            param_names: Optional[list[str]] = None) -> Projector:
+    """The projector ``kind`` for ``model``'s (selected) parameters."""
+    if kind == "layerwise":
+        return LayerwiseProjector(model, d=d, seed=seed)
+    p = num_parameters(model, param_names)
+    if kind == "sparse_hash":
+        return HashedSparseProjector(p, d, seed)
+    return make_projector(kind, p, d, seed)
+
+
+def projector_from_meta(description: dict, model: Optional[torch.nn.Module] = None) -> Projector:
+    """Rebuild the projector recorded in a store's metadata (``Projector.describe()``); the layerwise
+    projector also needs the ``model`` whose layers it covers."""
+    if description["kind"] == "layerwise":
+        if model is None:
+            raise ValueError("Expected the `model` to rebuild a layerwise projector, but got None")
+        return LayerwiseProjector.from_description(model, description)
+    if description["kind"] == "sparse_hash":
+        return HashedSparseProjector(description["p"], description["d"], description["seed"], s=description["s"])
     desc = dict(description)
     kind, p, d, seed = desc.pop("kind"), desc.pop("p"), desc.pop("d"), desc.pop("seed")
     extras = {k: v for k, v in desc.items() if k in ("s", "tile_cols", "tile_rows")}
@@ -101,10 +130,10 @@ class CheckpointFeaturizer:
         s = self.settings
         model = module.attribution_denoiser(s.use_ema)
         whash = weights_hash(model, s.param_names)
-        p = num_parameters(model, s.param_names)
-        projector = make_projector(s.projector, p, s.proj_dim, checkpoint_seed(s.proj_seed, int(whash[:15], 16)))
+        projector = make_settings_projector(s.projector, model, s.proj_dim,
+                                            checkpoint_seed(s.proj_seed, int(whash[:15], 16)), s.param_names)
         meta = {
-            "N": int(data_identity["num_examples"]), "d": s.proj_dim, "dtype": s.dtype,
+            "N": int(data_identity["num_examples"]), "d": projector.d, "dtype": s.dtype,
             "dataset_fingerprint": data_identity["dataset_fingerprint"],
             "projector": projector.describe(), "train_output": s.train_output().describe(),
             "task": module.attribution_task().describe(), "param_names": s.param_names, "use_ema": s.use_ema,
@@ -153,8 +182,8 @@ class CheckpointFeaturizer:
                 x0, index = x0.to(device), index.to(device)
                 cond = None if cond is None else cond.to(device)
                 with torch.enable_grad():
-                    features = featurize_batch(task, model, output, projector, x0, index, cond=cond,
-                                               param_names=s.param_names, chunk_size=s.chunk_size)
+                    features = featurize_batch_auto(task, model, output, projector, x0, index, cond=cond,
+                                                    param_names=s.param_names, chunk_size=s.chunk_size)
                 store.write(index.cpu(), features)
                 done += len(index)
                 bar.update(len(index))

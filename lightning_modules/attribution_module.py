@@ -17,8 +17,8 @@ import torch
 from lightning.pytorch import LightningModule
 from torch.utils.data import DataLoader, Dataset
 
-from attribution import (FeatureStore, StepOutput, featurize_batch, iter_score_blocks, load_kernel,
-                         relative_lambda, x0_hat)
+from attribution import FeatureStore, StepOutput, iter_score_blocks, load_kernel, relative_lambda, x0_hat
+from attribution.fastpath import featurize_batch_auto
 from attribution.trajectory import Trajectory, load_targets
 from callbacks.featurizer import projector_from_meta, weights_hash
 from callbacks.patches import load_patch
@@ -87,7 +87,7 @@ class AttributionModule(LightningModule):
         modules = [self._load_checkpoint(store) for store in self.stores]
         self.tasks = [m.attribution_task() for m in modules]
         self.denoisers.extend(m.attribution_denoiser(self.hparams.use_ema) for m in modules)
-        self.projectors = [projector_from_meta(s.meta["projector"]) for s in self.stores]
+        self.projectors = [projector_from_meta(s.meta["projector"], d) for s, d in zip(self.stores, self.denoisers)]
         self.kernels = [load_kernel(s) for s in self.stores]
         self.lams = [relative_lambda(k, self.hparams.lam) for k in self.kernels]
         self.masks = load_patch(self.hparams.patch, self.targets)
@@ -149,8 +149,9 @@ class AttributionModule(LightningModule):
         for rows, mask in self._mask_groups(target):
             output = StepOutput(self.hparams.num_draws, self.hparams.draw_seed, kind=self.hparams.output,
                                 mask=None if mask is None else mask.to(x_t.device), share_noise=self.hparams.share_noise)
-            out[rows] = featurize_batch(task, model, output, self.projectors[m], estimate[rows], target[rows],
-                                        cond=None if cond is None else cond[rows], steps=t[rows])
+            out[rows] = featurize_batch_auto(task, model, output, self.projectors[m], estimate[rows], target[rows],
+                                             cond=None if cond is None else cond[rows], steps=t[rows],
+                                             param_names=self.stores[m].meta.get("param_names"))
         return out
 
     def _mask_groups(self, target: torch.Tensor):

@@ -205,3 +205,33 @@ def test_ddp_featurizes_every_example_exactly_once_and_equals_one_process(tmp_pa
         module, loader, data_identity(dm), tmp_path / "single", {"global_step": 2}, progress=False)
     assert np.allclose(ddp, store.read().numpy(), rtol=1e-4, atol=1e-4 * np.abs(ddp).max())
     assert (store_dir / "kernel.json").exists()
+
+
+def test_layerwise_projector_through_the_featurizer_and_scoring(tmp_path):
+    """projector='layerwise': the store equals the core layerwise path, and scoring rebuilds the same projector."""
+    from attribution.layerwise import featurize_batch_layerwise
+    from attribution.trajectory import from_samples, save_targets
+    from lightning.pytorch import Trainer
+    from lightning_modules import AttributionModule
+
+    dm = small_data(tmp_path)
+    callback = TrakFeaturizeCallback(**{**SETTINGS, "projector": "layerwise", "proj_dim": 64})
+    seed_everything(0)
+    module = tiny_module()
+    fit_trainer(tmp_path / "run", [callback], max_steps=2).fit(module, datamodule=dm)
+    store_path = callback.stores[0]
+    store = FeatureStore.open(store_path, _meta(store_path), create=False)
+    assert store.meta["projector"]["kind"] == "layerwise" and store.d == 64 and store.is_complete
+    module.eval()
+    rows = torch.tensor([7, 99])
+    x0 = torch.stack([dm.full_dataset()[int(i)]["image"] for i in rows])
+    ref = featurize_batch_layerwise(module.attribution_task(), module.unet, FeaturizeSettings(**SETTINGS).train_output(),
+                                    projector_from_meta(store.meta["projector"], module.unet), x0, rows)
+    assert torch.allclose(store.read()[rows], ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    save_targets(from_samples(module.sample([3], 5, record=True, record_steps=[800, 0])), tmp_path / "targets")
+    scoring = AttributionModule(features=str(tmp_path / "run" / "features"), targets=str(tmp_path / "targets"),
+                                num_draws=2, lam=0.5)
+    Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, inference_mode=False).predict(
+        scoring, datamodule=dm, return_predictions=False)
+    scores = torch.load(tmp_path / "scores" / "target_0000.pt", weights_only=False)["scores"]
+    assert scores.shape == (120, 2) and torch.isfinite(scores).all() and scores.abs().sum() > 0

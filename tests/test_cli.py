@@ -21,12 +21,30 @@ def fake_cifar(root):
     return root
 
 
+OVERLAYS = {"featurize_digits.yaml": "ddpm_digits.yaml"}  # a config added on top of another one
+
+
+def scored_run(tmp_path):
+    """Feature stores and recorded targets from a smoke run, for the scoring config."""
+    smoke = str(CONFIGS / "smoke.yaml")
+    main(["fit", "--config", smoke, f"--trainer.default_root_dir={tmp_path / 'run'}",
+          "--trainer.callbacks+=callbacks.TrakFeaturizeCallback", "--trainer.callbacks.proj_dim=8",
+          "--trainer.callbacks.num_draws=1", "--trainer.callbacks.batch_size=512"])
+    main(["sample", "--config", smoke, f"--checkpoint={tmp_path / 'run' / 'checkpoints' / 'step000003.ckpt'}",
+          f"--out_dir={tmp_path / 'targets'}", "--num_targets=1", "--num_inference_steps=4", "--num_record_steps=2",
+          "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}"])
+    return [f"--model.features={tmp_path / 'run' / 'features'}", f"--model.targets={tmp_path / 'targets'}"]
+
+
 @pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("*.yaml")))
 def test_every_config_instantiates(config, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = ["--config", str(CONFIGS / config), "--trainer.logger=false"]
+    base = ["--config", str(CONFIGS / OVERLAYS[config])] if config in OVERLAYS else []
+    args = base + ["--config", str(CONFIGS / config), "--trainer.logger=false"]
     if "cifar" in config:
         args.append(f"--data.root={fake_cifar(tmp_path / 'cifar')}")
+    if config.startswith("score"):
+        args += scored_run(tmp_path)
     cli = _instantiate(args)
     assert cli.model is not None and cli.datamodule.num_examples > 0
     if "cifar" in config:  # the paper's architecture, built from its configuration

@@ -20,16 +20,18 @@ from lightning_modules.checkpoint_meta import CheckpointMismatchError, check_ide
 from attribution.trajectory import from_samples, real_image_target, save_targets
 from lightning_modules.featurize_runner import FeaturizeRunner
 from lightning_modules.images import save_grid
+from lightning_modules.lds_workflow import LDS_SUBCOMMANDS, LDSCommands
 
 PROJECT_SUBCOMMANDS: dict[str, set[str]] = {
     "masks": {"model", "datamodule"},
     "featurize": {"model", "datamodule"},
     "sample": {"model", "datamodule"},
     "score": {"model", "datamodule"},
+    **LDS_SUBCOMMANDS,
 }
 
 
-class AttributionTrainer(Trainer):
+class AttributionTrainer(LDSCommands, Trainer):
     """A ``Trainer`` whose extra methods are the subcommands of ``cli.py``."""
 
     def masks(self, model: LightningModule, datamodule: LightningDataModule, out_dir: str = "masks",

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# LDS + counterfactual benchmark on the bundled digits, end to end, resumable (rerun to continue):
+#   bash benchmarks/lds_digits.sh                 # the full benchmark (configs/lds/digits.yaml), ~1-1.5 h on 2 cores
+# A reduced check of the chain (numbers NOT comparable to the full run):
+#   OUT=runs/lds_digits_small FIT_ARGS="--trainer.max_steps=500" NUM_TARGETS=8 PROJ_DIM=512 \
+#   PLAN_ARGS="--plan.num_masks=8 --plan.cf_targets=1 --plan.cf_ks=[180] --plan.cf_methods=[trak,random]" \
+#   bash benchmarks/lds_digits.sh
+# Steps: fit the full model -> featurize its checkpoints -> sample targets -> lds_train -> lds_outputs
+#        -> lds_report -> counterfactual. Every step skips finished work. Timings go to $OUT/timings.txt.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 PYTHONHASHSEED=0
+PY=${PY:-.venv/bin/python}
+CLI=${CLI:-cli.py}   # the CLI script (cli.py once LDSCommands is mixed into AttributionTrainer)
+OUT=${OUT:-runs/lds_digits}
+CONFIG=${CONFIG:-configs/lds_digits.yaml}
+PLAN=${PLAN:-configs/lds/digits.yaml}
+FIT_ARGS=${FIT_ARGS:-}
+NUM_TARGETS=${NUM_TARGETS:-16}
+PROJ_DIM=${PROJ_DIM:-2048}
+RECORD_STEPS=${RECORD_STEPS:-"[900, 700, 500, 300, 100]"}
+PLAN_ARGS=${PLAN_ARGS:-}
+mkdir -p "$OUT"
+
+timed() {  # timed <label> <command...>: run, append the wall time to $OUT/timings.txt
+  local label=$1; shift
+  local start=$(date +%s)
+  "$@"
+  echo "$label $(( $(date +%s) - start )) s" | tee -a "$OUT/timings.txt"
+}
+
+if [ ! -f "$OUT/full/done" ]; then
+  timed fit_full $PY cli.py fit --config "$CONFIG" $FIT_ARGS --seed_everything=0 --data.seed=0 \
+    --trainer.default_root_dir="$OUT/full" --trainer.logger.init_args.save_dir="$OUT" \
+    --trainer.logger.init_args.name=full --trainer.enable_progress_bar=false
+  touch "$OUT/full/done"
+fi
+FINAL=$(ls "$OUT"/full/version_*/checkpoints/step*.ckpt | sort | tail -1)
+timed featurize $PY cli.py featurize --config "$CONFIG" --checkpoints "$(dirname "$FINAL")" --out_dir "$OUT/features" \
+  --settings.proj_dim="$PROJ_DIM" --settings.num_draws=10 --settings.batch_size=64 --trainer.logger=false \
+  --trainer.default_root_dir="$OUT/full"
+if [ ! -f "$OUT/targets/targets.json" ]; then
+  timed sample $PY cli.py sample --config "$CONFIG" --checkpoint "$FINAL" --out_dir "$OUT/targets" \
+    --num_targets "$NUM_TARGETS" --record_steps "$RECORD_STEPS" --trainer.logger=false \
+    --trainer.default_root_dir="$OUT/full"
+fi
+# FIT_ARGS also go to every subset model, so that they are trained exactly like the full model.
+FIT_PLAN=()
+if [ -n "$FIT_ARGS" ]; then FIT_PLAN=("--plan.fit_args=[$(echo $FIT_ARGS | sed 's/ /,/g')]"); fi
+COMMON=(--config "$CONFIG" --plan "$PLAN" --plan.out_dir="$OUT" --plan.features="$OUT/features"
+        --plan.targets="$OUT/targets" "${FIT_PLAN[@]}" $PLAN_ARGS --trainer.logger=false)
+timed lds_train $PY "$CLI" lds_train "${COMMON[@]}"
+timed lds_outputs $PY "$CLI" lds_outputs "${COMMON[@]}"
+timed lds_report $PY "$CLI" lds_report "${COMMON[@]}"
+timed counterfactual $PY "$CLI" counterfactual "${COMMON[@]}"
+echo "tables: $OUT/report/lds.csv $OUT/counterfactual/counterfactual.csv; plots: $OUT/report/*.png $OUT/counterfactual/*.png"

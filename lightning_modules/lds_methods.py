@@ -1,0 +1,142 @@
+"""Scores of every compared method for the LDS targets and steps: ``(N, B, S)`` (TRAK: ``(L, N, B, S)``).
+
+* TRAK (``trak``, ``trak_1ckpt``, ``trak_square``): projected gradients of the step output at each
+  checkpoint of the full model (x0_hat_t recomputed from the recorded x_t with that checkpoint, as
+  ``AttributionModule`` does), then one score matrix per candidate ridge from the stores' stored
+  eigendecomposition (``iter_score_blocks`` with each store's relative lambda). ``trak_1ckpt`` uses
+  only the last store; ``trak_square`` uses D-TRAK's square output on the target side.
+* ``pixel``: cosine similarity between x0_hat_t and each training image.
+* ``embedding``: the same in the penultimate features of a classifier trained on the dataset.
+* ``random``: seeded Gaussian scores.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from attribution import (FeatureStore, StepOutput, embedding_cosine_scores, featurize_batch, iter_score_blocks,
+                         load_kernel, pixel_cosine_scores, random_scores, relative_lambda, train_classifier, x0_hat)
+from attribution.trajectory import Trajectory
+from callbacks.featurizer import projector_from_meta
+from lightning_modules.lds_outputs import stacked_x0_hat
+from lightning_modules.lds_plan import TRAK_METHODS, LDSPlan, settings_hash
+from lightning_modules.loading import load_diffusion_module
+
+log = logging.getLogger(__name__)
+
+
+def open_stores(features: str) -> list[FeatureStore]:
+    """The finalized stores in ``features`` (a store, or a folder of them), in name order."""
+    root = Path(features)
+    folders = [root] if (root / "meta.json").exists() else sorted(p.parent for p in root.glob("*/meta.json"))
+    if not folders:
+        raise FileNotFoundError(f"Expected `plan.features` to be a feature store or a folder of them, but "
+                                f"{str(root)!r} holds none; run `cli.py featurize` on the full model first")
+    stores = [FeatureStore.open(f, json.loads((f / "meta.json").read_text()), create=False) for f in folders]
+    for store in stores:
+        if not (store.path / "kernel.json").exists():
+            raise ValueError(f"Expected finalized feature stores, but {store.path} is not; rerun `cli.py featurize`")
+    return stores
+
+
+def recorded_x_t(targets: Sequence[Trajectory], steps: Sequence[int]) -> torch.Tensor:
+    rows = []
+    for traj in targets:
+        rows.append(traj.x_t[[int((traj.timesteps == t).nonzero()[0]) for t in steps]])
+    return torch.stack(rows)
+
+
+def target_gradients(store: FeatureStore, targets: Sequence[Trajectory], steps: Sequence[int], plan: LDSPlan,
+                     kind: str) -> torch.Tensor:
+    """``(B * S, d)`` projected gradients of the step output at the store's checkpoint (rows target-major)."""
+    module = load_diffusion_module(store.meta["checkpoint"]["file"])
+    task, model = module.attribution_task(), module.attribution_denoiser(plan.use_ema).eval()
+    x_t = recorded_x_t(targets, steps)
+    B, S = x_t.shape[:2]
+    x_t = x_t.reshape(B * S, *x_t.shape[2:])
+    t = torch.tensor(list(steps)).repeat(B)
+    keys = torch.tensor([tr.target_id for tr in targets]).repeat_interleave(S)
+    with torch.no_grad():
+        estimate = x0_hat(x_t, task.predict_noise(model, x_t, t), t, task.alphas_cumprod)
+    output = StepOutput(plan.num_draws, plan.draw_seed, kind=kind, share_noise=plan.share_noise)
+    with torch.enable_grad():
+        return featurize_batch(task, model, output, projector_from_meta(store.meta["projector"]), estimate, keys,
+                               steps=t, param_names=store.meta.get("param_names"))
+
+
+def trak_scores(stores: Sequence[FeatureStore], grads: Sequence[torch.Tensor], lambdas: Sequence[float],
+                B: int, S: int) -> torch.Tensor:
+    """``(L, N, B, S)`` checkpoint-averaged scores, one slice per relative ridge."""
+    kernels = [load_kernel(s) for s in stores]
+    out = []
+    for lam in lambdas:
+        lams = [relative_lambda(k, lam) for k in kernels]
+        blocks = iter_score_blocks(stores, grads, lams, kernels=kernels)
+        out.append(torch.cat([b.float() for _, _, b in blocks]).reshape(-1, B, S))
+    return torch.stack(out)
+
+
+def cached_gradients(plan: LDSPlan, stores: Sequence[FeatureStore], targets: Sequence[Trajectory],
+                     steps: Sequence[int], kind: str, cache_dir: Path) -> list[torch.Tensor]:
+    key = settings_hash({**plan.output_settings(), "kind": kind, "steps": list(steps),
+                         "target_ids": [t.target_id for t in targets],
+                         "stores": [str(s.path.resolve()) for s in stores]})
+    path = cache_dir / f"grads_{kind}_{key}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=False)
+    grads = [target_gradients(store, targets, steps, plan, kind) for store in stores]
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(grads, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+    return grads
+
+
+def dataset_arrays(datamodule) -> tuple[torch.Tensor, torch.Tensor]:
+    """All N training images ``(N, C, H, W)`` in [-1, 1] and labels ``(N,)``."""
+    images = datamodule.images(range(datamodule.num_examples))
+    dataset = datamodule.full_dataset()
+    labels = torch.tensor([int(dataset[i]["label"]) for i in range(len(dataset))])
+    return images, labels
+
+
+def method_scores(method: str, plan: LDSPlan, stores, targets: Sequence[Trajectory], steps: Sequence[int],
+                  images: torch.Tensor, classifier, cache_dir: Path) -> torch.Tensor:
+    """``(L, N, B, S)`` for a TRAK method (L = len(plan.lambdas)), ``(N, B, S)`` for a baseline."""
+    B, S = len(targets), len(steps)
+    if method in TRAK_METHODS:
+        kind, last = TRAK_METHODS[method]
+        use = list(stores[-last:]) if last else list(stores)
+        grads = cached_gradients(plan, stores, targets, steps, kind, cache_dir)
+        grads = grads[-last:] if last else grads
+        return trak_scores(use, grads, plan.lambdas, B, S)
+    x0 = stacked_x0_hat(targets, steps)
+    flat = x0.reshape(B * S, *x0.shape[2:])
+    if method == "pixel":
+        scores = pixel_cosine_scores(images, flat)
+    elif method == "embedding":
+        scores = embedding_cosine_scores(classifier.embed, images, flat)
+    elif method == "random":
+        scores = random_scores(images.shape[0], B * S, seed=plan.split_seed + 12345)
+    else:
+        raise ValueError(f"Expected a method among {list(TRAK_METHODS) + ['pixel', 'embedding', 'random']}, "
+                         f"but got {method!r}")
+    return scores.reshape(-1, B, S)
+
+
+def dataset_classifier(datamodule, plan: LDSPlan, cache_dir: Path):
+    """The offline classifier (embedding baseline, FID features, feature formation), cached."""
+    path = cache_dir / f"classifier_e{plan.classifier_epochs}.pt"
+    images, labels = dataset_arrays(datamodule)
+    if path.exists():
+        return torch.load(path, weights_only=False)
+    classifier = train_classifier(images, labels, epochs=plan.classifier_epochs, seed=plan.seed)
+    with torch.no_grad():
+        accuracy = float((classifier(images).argmax(1) == labels).float().mean())
+    log.info("classifier trained: train accuracy %.3f", accuracy)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(classifier, path)
+    return classifier

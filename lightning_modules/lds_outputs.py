@@ -1,0 +1,125 @@
+"""Actual step outputs of the subset models: ``f_t(x0_hat_t(full model), theta(S_j))`` per target and step.
+
+``x0_hat_t`` is the recorded trajectory's estimate (made by the full model) and stays fixed; the
+output is the same :class:`attribution.StepOutput` as on the scoring side (Eq. 3: K' draws seeded by
+(draw_seed, target id, t)), evaluated without gradients. Each model's ``(B, S)`` outputs are cached
+in its folder under a key of the settings, so a rerun (or a new model) only computes what is missing.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from attribution import StepOutput
+from attribution.trajectory import Trajectory
+from lightning_modules.lds_plan import LDSPlan, settings_hash
+from lightning_modules.lds_sweep import done_record
+from lightning_modules.loading import load_diffusion_module
+
+
+def step_index(targets: Sequence[Trajectory], steps: Optional[Sequence[int]]) -> list[int]:
+    """The evaluated timesteps: ``steps`` (each recorded in every target) or the first target's recorded steps."""
+    recorded = [int(t) for t in targets[0].timesteps]
+    for traj in targets[1:]:
+        if [int(t) for t in traj.timesteps] != recorded:
+            raise ValueError(f"Expected every target recorded at the same steps, but target {traj.target_id} has "
+                             f"{traj.timesteps.tolist()} and target {targets[0].target_id} has {recorded}")
+    wanted = recorded if steps is None else [int(t) for t in steps]
+    missing = sorted(set(wanted) - set(recorded))
+    if missing:
+        raise ValueError(f"Expected `plan.steps` among the recorded steps {recorded}, but got {missing}")
+    return wanted
+
+
+def stacked_x0_hat(targets: Sequence[Trajectory], steps: Sequence[int]) -> torch.Tensor:
+    """``(B, S, C, H, W)`` recorded x0_hat_t of every target at ``steps``."""
+    rows = []
+    for traj in targets:
+        where = [int((traj.timesteps == t).nonzero()[0]) for t in steps]
+        rows.append(traj.x0_hat[where])
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def step_outputs(module, targets: Sequence[Trajectory], steps: Sequence[int], plan: LDSPlan,
+                 kind: str = "loss") -> torch.Tensor:
+    """``(B, S)`` float64 step outputs f_t(x0_hat_t) of ``module`` (no gradients)."""
+    task, model = module.attribution_task(), module.attribution_denoiser(plan.use_ema).eval()
+    device = next(model.parameters()).device
+    output = StepOutput(plan.num_draws, plan.draw_seed, kind=kind, share_noise=plan.share_noise)
+    x0 = stacked_x0_hat(targets, steps).to(device)
+    B, S = x0.shape[:2]
+    keys = torch.tensor([t.target_id for t in targets]).repeat_interleave(S)
+    t = torch.tensor(list(steps)).repeat(B)
+    flat = x0.reshape(B * S, *x0.shape[2:])
+    draws = output.draws(keys, flat.shape[1:], t, num_train_timesteps=task.num_train_timesteps, device=device,
+                         dtype=flat.dtype)
+    values = [output.per_example(task, model, flat[i], draws.select(i), None) for i in range(B * S)]
+    return torch.stack(values).to(torch.float64).reshape(B, S).cpu()
+
+
+def model_outputs(folder: Path, targets: Sequence[Trajectory], steps: Sequence[int], plan: LDSPlan) -> tuple[torch.Tensor, bool]:
+    """Outputs of the finished model in ``folder``, from its cache when present; returns (values, computed)."""
+    key = settings_hash({**plan.output_settings(), "steps": list(steps), "targets_ids": [t.target_id for t in targets]})
+    cache = Path(folder) / f"outputs_{key}.pt"
+    if cache.exists():
+        return torch.load(cache, weights_only=False)["outputs"], False
+    record = done_record(folder)
+    module = load_diffusion_module(record["checkpoint"])
+    values = step_outputs(module, targets, steps, plan)
+    tmp = cache.with_suffix(".tmp")
+    torch.save({"outputs": values, "settings": plan.output_settings(), "steps": list(steps),
+                "target_ids": [t.target_id for t in targets], "checkpoint": record["checkpoint"]}, tmp)
+    tmp.replace(cache)
+    return values, True
+
+
+def collect_outputs(plan: LDSPlan, targets: Sequence[Trajectory], steps: Sequence[int],
+                    mask_range: Optional[range] = None) -> dict:
+    """Outputs of every finished subset model: ``replicates (R_max, J, B, S)`` (NaN = not trained).
+
+    Returns ``{"replicates", "computed": models evaluated now, "cached": models read from cache}``.
+    """
+    masks = mask_range or range(plan.num_masks)
+    R = max(plan.seeds_for(j) for j in range(plan.num_masks))
+    out = torch.full((R, plan.num_masks, len(targets), len(steps)), math.nan, dtype=torch.float64)
+    computed = cached = 0
+    for j in masks:
+        for r in range(plan.seeds_for(j)):
+            folder = plan.model_dir(j, r)
+            if done_record(folder) is None:
+                continue
+            out[r, j], fresh = model_outputs(folder, targets, steps, plan)
+            computed, cached = computed + fresh, cached + (not fresh)
+    return {"replicates": out, "computed": computed, "cached": cached}
+
+
+def averaged_outputs(plan: LDSPlan, replicates: torch.Tensor) -> torch.Tensor:
+    """``(J, B, S)``: the mean over the first ``seeds_per_mask`` seeds of each mask (NaN if one is missing)."""
+    return replicates[: plan.seeds_per_mask].mean(0)
+
+
+def replicate_block(plan: LDSPlan, replicates: torch.Tensor) -> Optional[torch.Tensor]:
+    """``(R, J_rep, B, S)`` outputs of the masks trained with several seeds (for the ceiling), or None.
+
+    With ``share_seed`` the seed effect common to every mask (same init, same data order) does not
+    change the ranking across masks; it is removed (each seed's mean over masks subtracted) so that
+    the ceiling measures only the noise that does.
+    """
+    if plan.seeds_per_mask >= 2:
+        R, masks = plan.seeds_per_mask, list(range(plan.num_masks))
+    else:
+        R, masks = plan.replicate_seeds, list(range(plan.replicate_masks))
+    if len(masks) < 3:
+        return None
+    block = replicates[:R, masks]
+    complete = torch.isfinite(block).all(0).all(-1).all(-1)
+    block = block[:, complete]
+    if block.shape[1] < 3:
+        return None
+    if plan.share_seed:
+        block = block - block.mean(1, keepdim=True)
+    return block

@@ -1,0 +1,166 @@
+"""``LDSPlan``: every setting of the counterfactual evaluation, shared by the four LDS subcommands.
+
+One plan (a YAML file given with ``--plan``, or flags such as ``--plan.num_masks=32``) drives
+``lds_train``, ``lds_outputs``, ``lds_report`` and ``counterfactual``, so the subset models, the
+actual outputs and the scores always agree on masks, seeds, targets, steps and the output function.
+
+Folder layout under ``out_dir``::
+
+    masks/mask_000.npy ...          the J subset masks (attribution.masks.write_random_masks)
+    models/mask_007_seed_1/         one `cli.py fit` run per (mask, seed); done.json marks it finished
+    outputs/...                     actual outputs, one cached file per model (lds_outputs)
+    report/                         scores per method, LDS tables (CSV/JSON), plots (lds_report)
+    counterfactual/                 retrained models, completions, tables and plots (counterfactual)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+METHODS = ("trak", "trak_1ckpt", "trak_square", "pixel", "embedding", "random")
+TRAK_METHODS = {"trak": ("loss", None), "trak_1ckpt": ("loss", 1), "trak_square": ("square", None)}
+
+
+@dataclass
+class LDSPlan:
+    """Settings of the LDS and counterfactual evaluation.
+
+    Args:
+        out_dir: root folder of everything the workflow writes.
+        fit_config: config files of `cli.py fit` for every subset model (the same fit a user runs).
+        fit_args: extra `cli.py fit` flags for every subset model (e.g. "--trainer.max_steps=500").
+        num_masks: J, the number of random subsets.
+        mask_seed: seed of the masks (mask j depends only on (mask_seed, j)).
+        fraction: probability that an example is in a subset.
+        seeds_per_mask: training seeds per mask whose outputs are averaged for the LDS (paper: 5).
+        replicate_masks: the first this many masks get `replicate_seeds` seeds in all; the extra
+            models only measure the seed-noise ceiling (0: no ceiling unless seeds_per_mask >= 2).
+        replicate_seeds: seeds per replicated mask (>= 2).
+        seed: base training seed.
+        share_seed: every mask uses the same seeds (seed + r): shared initialisation and data order
+            across masks. Otherwise model (j, r) uses seed + 1000 * (j + 1) + r.
+        features: folder of the full model's finalized feature stores (one per checkpoint).
+        targets: folder of the recorded targets (`cli.py sample` with the full model).
+        steps: recorded timesteps to evaluate (None: all recorded steps).
+        target_ids: targets to evaluate (None: all).
+        num_draws: K' of the step output f_t (same for actual outputs and TRAK's target gradients).
+        draw_seed: seed of those draws.
+        share_noise: D-TRAK noise sharing (must match how the stores were featurized).
+        use_ema: EMA weights of the models when kept.
+        methods: compared methods, among trak, trak_1ckpt, trak_square, pixel, embedding, random.
+        lambdas: candidate ridge values, relative to each kernel's mean eigenvalue.
+        lambda_per_step: choose lambda per step (else one for all steps).
+        heldout_fraction: share of the targets that choose lambda (never reported).
+        split_seed: seed of the held-out / report split of the targets.
+        classifier_epochs: epochs of the offline classifier (embedding baseline, FID, feature formation).
+        cf_targets: counterfactuals for the first this many report targets.
+        cf_step: step t of the top-k retraining with completions (paper: 400 of 1000).
+        forget_step: step t of the forgetting experiment (paper: 300); same as cf_step shares the models.
+        cf_ks: k values (paper: 200, 500, 1000 of 50000; scale with N).
+        cf_methods: methods whose top-k are removed.
+        cf_delta: completions use the retrained model for timesteps t .. t - cf_delta (paper: 100).
+        num_completions: completions per target (and per step for feature formation).
+        consistency_seeds: extra full-data models (other seeds) for seed consistency.
+        formation_steps: sampling steps of the feature-formation curves (None: the recorded steps).
+        workers: models trained side by side (one-thread subprocesses).
+        threads_per_worker: OMP/torch threads of each worker.
+        runner: "subprocess" (`python cli.py fit ...`) or "inprocess" (the same arguments, `cli.main`).
+        keep_checkpoints: keep every checkpoint of a subset model (else only the final one, to save disk).
+    """
+
+    out_dir: str = "runs/lds_digits"
+    fit_config: list[str] = field(default_factory=lambda: ["configs/lds_digits.yaml"])
+    fit_args: list[str] = field(default_factory=list)
+    num_masks: int = 32
+    mask_seed: int = 0
+    fraction: float = 0.5
+    seeds_per_mask: int = 1
+    replicate_masks: int = 8
+    replicate_seeds: int = 2
+    seed: int = 0
+    share_seed: bool = False
+    features: Optional[str] = None
+    targets: Optional[str] = None
+    steps: Optional[list[int]] = None
+    target_ids: Optional[list[int]] = None
+    num_draws: int = 16
+    draw_seed: int = 0
+    share_noise: bool = False
+    use_ema: bool = True
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    lambdas: list[float] = field(default_factory=lambda: [1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0])
+    lambda_per_step: bool = False
+    heldout_fraction: float = 0.5
+    split_seed: int = 0
+    classifier_epochs: int = 30
+    cf_targets: int = 2
+    cf_step: int = 400
+    forget_step: int = 400
+    cf_ks: list[int] = field(default_factory=lambda: [36, 180])
+    cf_methods: list[str] = field(default_factory=lambda: ["trak", "pixel", "embedding", "random"])
+    cf_delta: int = 100
+    num_completions: int = 64
+    consistency_seeds: int = 1
+    formation_steps: Optional[list[int]] = None
+    workers: int = 2
+    threads_per_worker: int = 1
+    runner: str = "subprocess"
+    keep_checkpoints: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("num_masks", "seeds_per_mask", "num_draws", "workers", "threads_per_worker",
+                     "classifier_epochs", "num_completions"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"Expected `plan.{name}` to be a positive int, but got {getattr(self, name)!r}")
+        if not 0.0 < self.fraction < 1.0:
+            raise ValueError(f"Expected `plan.fraction` in (0, 1), but got {self.fraction}")
+        if self.replicate_masks < 0 or self.replicate_masks > self.num_masks or self.replicate_seeds < 2:
+            raise ValueError(f"Expected 0 <= `plan.replicate_masks` <= num_masks = {self.num_masks} and "
+                             f"`plan.replicate_seeds` >= 2, but got {self.replicate_masks} and {self.replicate_seeds}")
+        unknown = sorted(set(self.methods) - set(METHODS)) + sorted(set(self.cf_methods) - set(METHODS))
+        if unknown:
+            raise ValueError(f"Expected `plan.methods` and `plan.cf_methods` among {list(METHODS)}, but got {unknown}")
+        if not self.lambdas or min(self.lambdas) <= 0:
+            raise ValueError(f"Expected `plan.lambdas` to be positive relative ridges, but got {self.lambdas}")
+        if self.runner not in ("subprocess", "inprocess"):
+            raise ValueError(f"Expected `plan.runner` to be 'subprocess' or 'inprocess', but got {self.runner!r}")
+
+    # ----------------------------------------------------------------------- layout
+    @property
+    def root(self) -> Path:
+        return Path(self.out_dir)
+
+    def mask_dir(self) -> Path:
+        return self.root / "masks"
+
+    def model_dir(self, mask: int, seed_index: int) -> Path:
+        return self.root / "models" / f"mask_{mask:03d}_seed_{seed_index}"
+
+    def seeds_for(self, mask: int) -> int:
+        """How many seeds mask ``mask`` is trained with (LDS seeds, or more on replicated masks)."""
+        return max(self.seeds_per_mask, self.replicate_seeds if mask < self.replicate_masks else 0)
+
+    def training_seed(self, mask: int, seed_index: int) -> int:
+        return self.seed + seed_index if self.share_seed else self.seed + 1000 * (mask + 1) + seed_index
+
+    def require(self, *names: str) -> None:
+        """Refuse a plan lacking settings a subcommand needs (e.g. features, targets)."""
+        missing = [n for n in names if getattr(self, n) is None]
+        if missing:
+            raise ValueError(f"Expected `plan.{missing[0]}` to be set (a folder), but got None")
+
+    def output_settings(self) -> dict:
+        """What the actual outputs depend on (their cache key)."""
+        return {"targets": str(Path(self.targets).resolve()) if self.targets else None, "steps": self.steps,
+                "target_ids": self.target_ids, "num_draws": self.num_draws, "draw_seed": self.draw_seed,
+                "share_noise": self.share_noise, "use_ema": self.use_ema, "kind": "loss"}
+
+    def describe(self) -> dict:
+        return asdict(self)
+
+
+def settings_hash(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]

@@ -1,0 +1,139 @@
+"""The LDS report: per method and step, LDS on the report targets (mean, s.e.), the seed-noise
+ceiling beside it, the TRAK lambda sweep (chosen on held-out targets; the oracle only beside it,
+labelled), paired differences against pixel similarity; CSV/JSON tables, PNG plots, TensorBoard.
+
+Tables written to ``<out_dir>/report``: ``lds.csv|json`` (the figures to report), ``lambda_sweep.csv|json``
+(held-out and report means per lambda; ``oracle_*`` columns are optimistic, never the method's LDS),
+``paired.csv|json`` (method minus pixel, paired over report targets), ``ceiling.csv|json``.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from attribution import (choose_lambda_heldout, lds_per_lambda, lds_table, linear_datamodeling_score,
+                         paired_difference, seed_noise_ceiling, split_targets, write_table)
+from attribution.lds import LambdaChoice, LDSResult, nan_mean_se
+from attribution.plots import plot_lambda_sweep, plot_lds_vs_step
+from lightning_modules.lds_plan import TRAK_METHODS
+
+
+def masks_matrix(mask_files: Sequence[Path]) -> torch.Tensor:
+    import numpy as np
+    return torch.from_numpy(np.stack([np.load(p) for p in mask_files])).bool()
+
+
+def evaluate_method(scores: torch.Tensor, masks: torch.Tensor, actual: torch.Tensor, lambdas: Sequence[float],
+                    heldout: torch.Tensor, report: torch.Tensor, per_step: bool):
+    """A :class:`LambdaChoice` for ``(L, N, B, S)`` scores, an :class:`LDSResult` on the report targets else."""
+    if scores.ndim == 4:
+        per_lambda = lds_per_lambda(scores, masks, actual)
+        return choose_lambda_heldout(per_lambda, lambdas, heldout, report, per_step=per_step)
+    return linear_datamodeling_score(scores[:, report], masks, actual[:, report])
+
+
+def report_lds(result) -> LDSResult:
+    return result.report if isinstance(result, LambdaChoice) else result
+
+
+def sweep_rows(method: str, choice: LambdaChoice, steps: Sequence[int], per_lambda_report: torch.Tensor) -> list[dict]:
+    """One row per (lambda, step): held-out mean (the choice's only input), report mean, chosen/oracle flags."""
+    rows = []
+    for i, lam in enumerate(choice.lambdas.tolist()):
+        for s, t in enumerate(steps):
+            rows.append({"method": method, "lambda": lam, "step": int(t),
+                         "heldout_lds_mean": float(choice.heldout_mean[i, s]),
+                         "report_lds_mean_for_reference": float(per_lambda_report[i, s]),
+                         "chosen_on_heldout": bool(int(choice.chosen_index[s]) == i),
+                         "oracle_on_report_targets": bool(int(choice.oracle_index[s]) == i)})
+    return rows
+
+
+def build_report(scores: dict, masks: torch.Tensor, actual: torch.Tensor, replicates: Optional[torch.Tensor],
+                 steps: Sequence[int], lambdas: Sequence[float], split_seed: int, heldout_fraction: float,
+                 per_step: bool, seeds_per_mask: int) -> dict:
+    """Every table of the report as rows (see the module docstring), plus the per-method results.
+
+    Args:
+        scores: method -> ``(N, B, S)`` or, for TRAK, ``(L, N, B, S)``.
+        masks: ``(J, N)`` bool; actual: ``(J, B, S)`` seed-averaged outputs (NaN rows = models missing).
+        replicates: ``(R, J_rep, B, S)`` replicate outputs for the ceiling, or None.
+    """
+    trained = torch.isfinite(actual).all(-1).all(-1)
+    masks, actual = masks[trained], actual[trained]
+    B = actual.shape[1]
+    heldout, report = split_targets(B, split_seed, heldout_fraction)
+    results = {m: evaluate_method(s, masks, actual, lambdas, heldout, report, per_step) for m, s in scores.items()}
+    ceiling = seed_noise_ceiling(replicates, num_seeds=seeds_per_mask) if replicates is not None else None
+    ceiling_report = None if ceiling is None else nan_mean_se(ceiling.ceiling[report], 0)[0]
+    rows = lds_table(results, steps, ceiling_report)
+    for row in rows:
+        row.update(num_models=int(masks.shape[0]), seeds_per_mask=seeds_per_mask, targets="report")
+        choice = results[row["method"]]
+        if isinstance(choice, LambdaChoice):
+            s = list(steps).index(row["step"])
+            row["oracle_lambda_NOT_REPORTED"] = float(choice.oracle_lambda[s])
+            row["oracle_lds_mean_NOT_REPORTED"] = float(choice.oracle_mean[s])
+    tables = {"lds": rows, "lambda_sweep": [], "paired": [], "ceiling": []}
+    for method, choice in results.items():
+        if isinstance(choice, LambdaChoice):
+            per_lambda = lds_per_lambda(scores[method], masks, actual)[:, report]
+            tables["lambda_sweep"] += sweep_rows(method, choice, steps, nan_mean_se(per_lambda, 1)[0])
+    if "pixel" in results:
+        base = report_lds(results["pixel"]).per_target
+        for method, res in results.items():
+            if method == "pixel":
+                continue
+            mean, se = paired_difference(report_lds(res).per_target, base)
+            tables["paired"] += [{"method": method, "versus": "pixel", "step": int(t), "diff_mean": float(mean[s]),
+                                  "diff_se": float(se[s]), "n_targets": int(report.numel())}
+                                 for s, t in enumerate(steps)]
+    if ceiling is not None:
+        tables["ceiling"] = [{"step": int(t), "ceiling": float(ceiling_report[s]),
+                              "noise_fraction_single_seed": float(nan_mean_se(ceiling.noise_fraction[report], 0)[0][s]),
+                              "replicate_seeds": int(replicates.shape[0]), "replicate_masks": int(replicates.shape[1]),
+                              "seeds_averaged": seeds_per_mask} for s, t in enumerate(steps)]
+    return {"tables": tables, "results": results, "heldout": heldout, "report": report}
+
+
+def write_report(report: dict, steps: Sequence[int], out: Path, logger=None) -> list[Path]:
+    """CSV/JSON tables and PNG plots into ``out``; scalars and images to ``logger`` (TensorBoard) if given."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in report["tables"].items():
+        if rows:
+            write_table(rows, out / f"{name}.csv", out / f"{name}.json")
+    plots = [plot_lds_vs_step(report["tables"]["lds"], out / "lds_vs_step.png",
+                              title="LDS per step (report targets; lambda chosen on held-out targets)")]
+    for method, choice in report["results"].items():
+        if isinstance(choice, LambdaChoice):
+            plots.append(plot_lambda_sweep(choice.lambdas, choice.heldout_mean, out / f"lambda_sweep_{method}.png",
+                                           steps=list(steps), chosen=choice.chosen_lambda,
+                                           title=f"{method}: held-out LDS against lambda"))
+    _log_tensorboard(logger, report, plots)
+    return [p.path for p in plots]
+
+
+def _log_tensorboard(logger, report: dict, plots) -> None:
+    experiment = getattr(logger, "experiment", None)
+    if not hasattr(experiment, "add_scalar"):
+        return
+    for row in report["tables"]["lds"]:
+        if math.isfinite(row["lds_mean"]):
+            experiment.add_scalar(f"lds/{row['method']}", row["lds_mean"], global_step=row["step"])
+    for plot in plots:
+        experiment.add_image(f"lds/{plot.path.stem}", plot.image, 0)
+    experiment.flush()
+
+
+def chosen_scores(scores: torch.Tensor, result) -> torch.Tensor:
+    """``(N, B, S)`` scores at the held-out choice of lambda (per step), or the baseline's scores."""
+    if not isinstance(result, LambdaChoice):
+        return scores
+    idx = result.chosen_index
+    return torch.stack([scores[int(idx[s]), :, :, s] for s in range(scores.shape[-1])], dim=-1)
+
+
+__all__ = ["build_report", "write_report", "chosen_scores", "masks_matrix", "TRAK_METHODS"]

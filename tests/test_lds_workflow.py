@@ -1,0 +1,226 @@
+"""LDS workflow (lds_train, lds_outputs, lds_report, counterfactual) on a tiny setup: tables with finite
+values, the held-out lambda never sees the report targets, the training sweep resumes after a kill
+without retraining finished models, actual outputs are cached and reused."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from lightning.pytorch.cli import LightningCLI
+
+from cli import AttributionCLI
+from helpers import small_data
+from lightning_modules.lds_outputs import collect_outputs, step_index
+from lightning_modules.lds_plan import LDSPlan
+from lightning_modules.lds_sweep import DONE
+from lightning_modules.lds_workflow import LDS_SUBCOMMANDS, LDSCommands
+from lightning_modules.trainer import PROJECT_SUBCOMMANDS, AttributionTrainer
+from attribution.trajectory import load_targets
+
+
+class LDSTrainer(LDSCommands, AttributionTrainer):
+    pass
+
+
+class LDSCLI(AttributionCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), **PROJECT_SUBCOMMANDS, **LDS_SUBCOMMANDS}
+
+
+def run(args):
+    from lightning.pytorch import LightningDataModule, LightningModule
+    return LDSCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                  trainer_class=LDSTrainer, save_config_kwargs={"overwrite": True}, args=args)
+
+
+def fit_config(tmp_path, n=60):
+    data = small_data(tmp_path, n=n)
+    config = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 2, "logger": False,
+                    "enable_progress_bar": False, "enable_model_summary": False,
+                    "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                   "init_args": {"every_n_train_steps": 2, "save_top_k": -1,
+                                                 "filename": "step{step:06d}", "auto_insert_metric_name": False}}]},
+        "model": {"class_path": "lightning_modules.DDPMModule", "init_args": {
+            "unet": {"class_path": "diffusers.UNet2DModel", "init_args": {
+                "sample_size": 8, "in_channels": 1, "out_channels": 1, "block_out_channels": [8, 16],
+                "layers_per_block": 1, "down_block_types": ["DownBlock2D", "DownBlock2D"],
+                "up_block_types": ["UpBlock2D", "UpBlock2D"], "add_attention": False, "norm_num_groups": 4}},
+            "warmup_steps": 1, "num_samples": 2, "sample_inference_steps": 2}},
+        "data": {"class_path": "datamodules.ArrayDataModule", "init_args": {"path": data.hparams.path,
+                                                                             "batch_size": 16}},
+    }
+    path = tmp_path / "fit.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """Full model, features (2 checkpoints), 4 targets at 2 steps; LDS plan over 4 masks (1 replicated x 2 seeds)."""
+    tmp = tmp_path_factory.mktemp("lds")
+    config = fit_config(tmp)
+    full = tmp / "full"
+    cwd = os.getcwd()
+    os.chdir(tmp)  # Lightning writes config.yaml into the working directory
+    try:
+        run(["fit", "--config", config, "--trainer.max_steps=4", f"--trainer.default_root_dir={full}"])
+        run(["featurize", "--config", config, "--checkpoints", str(full / "checkpoints"), "--out_dir",
+             str(tmp / "features"), "--settings.proj_dim=16", "--settings.num_draws=2", "--settings.batch_size=64"])
+        run(["sample", "--config", config, "--checkpoint", str(full / "checkpoints" / "step000004.ckpt"),
+             "--out_dir", str(tmp / "targets"), "--num_targets=4", "--num_inference_steps=10",
+             "--record_steps=[900, 500]"])
+    finally:
+        os.chdir(cwd)
+    plan = {"out_dir": str(tmp / "lds"), "fit_config": [config], "num_masks": 4, "replicate_masks": 3,
+            "features": str(tmp / "features"), "targets": str(tmp / "targets"), "num_draws": 2,
+            "lambdas": [0.01, 1.0, 100.0], "runner": "inprocess", "workers": 1, "classifier_epochs": 1,
+            "cf_targets": 1, "cf_step": 500, "forget_step": 500, "cf_ks": [5], "cf_methods": ["trak", "random"],
+            "num_completions": 4, "consistency_seeds": 1}
+    plan_file = tmp / "plan.yaml"
+    plan_file.write_text(yaml.safe_dump(plan))
+    return {"tmp": tmp, "config": config, "plan": str(plan_file), "root": tmp / "lds"}
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+
+def _args(chain, command, *extra):
+    return [command, "--config", chain["config"], "--plan", chain["plan"], *extra]
+
+
+def _markers(root):
+    return {p.parent.name: p.read_bytes() for p in sorted((root / "models").glob(f"*/{DONE}"))}
+
+
+def test_training_sweep_resumes_without_retraining_finished_models(chain):
+    root = chain["root"]
+    trained = run(_args(chain, "lds_train", "--max_models=2")).trainer  # a stop after 2 models
+    first = _markers(root)
+    assert len(first) == 2
+    killed = root / "models" / "mask_003_seed_0"  # a killed run: a folder without done.json
+    killed.mkdir(parents=True)
+    (killed / "partial.ckpt").write_bytes(b"half")
+    checkpoints = {name: sorted(p.name for p in (root / "models" / name).rglob("*.ckpt")) for name in first}
+    mtimes = {name: (root / "models" / name / DONE).stat().st_mtime_ns for name in first}
+    lines_before = (root / "train_times.jsonl").read_text().splitlines()
+    run(_args(chain, "lds_train"))
+    lines = (root / "train_times.jsonl").read_text().splitlines()[len(lines_before):]
+    trained_now = sorted(json.loads(line)["name"] for line in lines)
+    # 4 masks x 1 seed + 3 replicated masks x 1 extra seed = 7 models; 2 were finished
+    assert len(trained_now) == 5 and not set(trained_now) & set(first)
+    assert "mask_003_seed_0" in trained_now and not (killed / "partial.ckpt").exists()
+    after = _markers(root)
+    assert len(after) == 7
+    for name in first:  # finished models untouched
+        assert after[name] == first[name]
+        assert (root / "models" / name / DONE).stat().st_mtime_ns == mtimes[name]
+        assert sorted(p.name for p in (root / "models" / name).rglob("*.ckpt")) == checkpoints[name]
+    record = json.loads(after["mask_001_seed_0"])
+    assert record["global_step"] == 2 and record["mask_file"].endswith("mask_001.npy")
+    assert trained is not None
+
+
+def test_actual_outputs_are_cached_and_reused(chain):
+    run(_args(chain, "lds_outputs"))
+    saved = torch.load(chain["root"] / "outputs" / "actual.pt", weights_only=False)
+    reps = saved["replicates"]
+    assert reps.shape == (2, 4, 4, 2) and torch.isfinite(reps[0]).all() and torch.isfinite(reps[1, :3]).all()
+    plan = LDSPlan(**yaml.safe_load(open(chain["plan"])))
+    targets = load_targets(plan.targets)
+    again = collect_outputs(plan, targets, step_index(targets, plan.steps))
+    assert again["computed"] == 0 and again["cached"] == 7
+    assert torch.equal(again["replicates"].nan_to_num(-1), reps.nan_to_num(-1))
+    cache = next((chain["root"] / "models" / "mask_000_seed_0").glob("outputs_*.pt"))
+    cache.write_bytes(b"")  # a damaged cache would be read: prove the cached file, not a recomputation, is used
+    with pytest.raises(Exception):
+        collect_outputs(plan, targets, step_index(targets, plan.steps))
+    cache.unlink()
+    assert collect_outputs(plan, targets, step_index(targets, plan.steps))["computed"] == 1
+
+
+def test_report_tables_have_finite_values_and_expected_rows(chain):
+    run(_args(chain, "lds_report"))
+    out = chain["root"] / "report"
+    rows = json.loads((out / "lds.json").read_text())
+    methods = ["trak", "trak_1ckpt", "trak_square", "pixel", "embedding", "random"]
+    assert [(r["method"], r["step"]) for r in rows] == [(m, t) for m in methods for t in (900, 500)]
+    for r in rows:
+        assert math.isfinite(r["lds_mean"]) and r["num_models"] == 4 and r["targets"] == "report"
+        assert math.isfinite(r["ceiling"])
+        assert (r["lambda"] is not None) == r["method"].startswith("trak")
+    sweep = json.loads((out / "lambda_sweep.json").read_text())
+    assert len(sweep) == 3 * 3 * 2 and all(math.isfinite(r["heldout_lds_mean"]) for r in sweep)
+    paired = json.loads((out / "paired.json").read_text())
+    assert {r["method"] for r in paired} == set(methods) - {"pixel"}
+    for name in ("lds.csv", "lambda_sweep.csv", "paired.csv", "ceiling.csv", "lds_vs_step.png",
+                 "lambda_sweep_trak.png"):
+        assert (out / name).stat().st_size > 0
+    chosen = torch.load(out / "chosen_scores.pt", weights_only=False)
+    assert chosen["scores"]["trak"].shape == (60, 4, 2)
+
+
+def test_heldout_lambda_choice_never_sees_report_targets(chain):
+    out = chain["root"] / "report"
+    before = json.loads((out / "lds.json").read_text())
+    report = torch.load(out / "chosen_scores.pt", weights_only=False)["report"]
+    caches = sorted((chain["root"] / "models").glob("*/outputs_*.pt"))
+    originals = {path: path.read_bytes() for path in caches}
+    gen = torch.Generator().manual_seed(0)
+    for path in caches:  # scramble the report targets' actual outputs in every cached model file
+        saved = torch.load(path, weights_only=False)
+        saved["outputs"][report] = torch.randn(len(report), 2, generator=gen, dtype=torch.float64) * 1e3
+        torch.save(saved, path)
+    try:
+        run(_args(chain, "lds_report"))
+        after = json.loads((out / "lds.json").read_text())
+    finally:
+        for path, data in originals.items():
+            path.write_bytes(data)
+    trak = [(r["method"], r["step"], r["lambda"]) for r in before if r["method"].startswith("trak")]
+    assert trak == [(r["method"], r["step"], r["lambda"]) for r in after if r["method"].startswith("trak")]
+    # the report figures did change: the perturbation reached the reported targets
+    assert [r["lds_mean"] for r in before] != [r["lds_mean"] for r in after]
+
+
+def test_counterfactual_tables_and_plots(chain):
+    run(_args(chain, "counterfactual"))
+    out = chain["root"] / "counterfactual"
+    summary = json.loads((out / "counterfactual.json").read_text())
+    assert {(r["metric"], r["method"]) for r in summary} == {(m, method) for m in ("fid", "completion_l2", "forgetting_l2")
+                                                             for method in ("trak", "random")}
+    assert all(r["value"] is not None and r["value"] >= 0 for r in summary)
+    consistency = json.loads((out / "seed_consistency.json").read_text())
+    assert len(consistency) == 1 and consistency[0]["l2_same_seed_mean"] > 0
+    formation = json.loads((out / "feature_formation.json").read_text())
+    assert all(0 <= r["fraction_in_final_class"] <= 1 for r in formation)
+    for name in ("fid.png", "forgetting_l2.png", "feature_formation.png"):
+        assert (out / name).exists()
+
+
+def test_plan_is_validated_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="plan.methods"):
+        LDSPlan(methods=["trak", "clip"])
+    with pytest.raises(ValueError, match="replicate_masks"):
+        LDSPlan(num_masks=4, replicate_masks=5)
+
+
+def test_subprocess_workers_run_the_same_fit_command_side_by_side(chain, tmp_path):
+    plan = yaml.safe_load(open(chain["plan"]))
+    plan.update(out_dir=str(tmp_path / "sub"), num_masks=2, replicate_masks=0, runner="subprocess", workers=2)
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan))
+    run(["lds_train", "--config", chain["config"], "--plan", str(tmp_path / "plan.yaml")])
+    records = [json.loads((tmp_path / "sub" / "models" / f"mask_00{j}_seed_0" / DONE).read_text()) for j in (0, 1)]
+    assert [r["global_step"] for r in records] == [2, 2] and records[0]["seed"] != records[1]["seed"]
+    ckpt = torch.load(records[1]["checkpoint"], weights_only=False)
+    mask = np.load(tmp_path / "sub" / "masks" / "mask_001.npy")
+    assert ckpt["attribution"]["subset_size"] == int(mask.sum())

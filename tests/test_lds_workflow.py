@@ -11,32 +11,20 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from lightning.pytorch.cli import LightningCLI
 
-from cli import AttributionCLI
 from helpers import small_data
 from lightning_modules.lds_outputs import collect_outputs, step_index
 from lightning_modules.lds_plan import LDSPlan
 from lightning_modules.lds_sweep import DONE
-from lightning_modules.lds_workflow import LDS_SUBCOMMANDS, LDSCommands
-from lightning_modules.trainer import PROJECT_SUBCOMMANDS, AttributionTrainer
+from lightning_modules.lds_workflow import LDS_SUBCOMMANDS
+from lightning_modules.trainer import PROJECT_SUBCOMMANDS
 from attribution.trajectory import load_targets
-
-
-class LDSTrainer(LDSCommands, AttributionTrainer):
-    pass
-
-
-class LDSCLI(AttributionCLI):
-    @staticmethod
-    def subcommands() -> dict[str, set[str]]:
-        return {**LightningCLI.subcommands(), **PROJECT_SUBCOMMANDS, **LDS_SUBCOMMANDS}
+from cli import main
 
 
 def run(args):
-    from lightning.pytorch import LightningDataModule, LightningModule
-    return LDSCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                  trainer_class=LDSTrainer, save_config_kwargs={"overwrite": True}, args=args)
+    assert set(LDS_SUBCOMMANDS) <= set(PROJECT_SUBCOMMANDS)  # the LDS subcommands are cli.py's own
+    return main(args)
 
 
 def fit_config(tmp_path, n=60):

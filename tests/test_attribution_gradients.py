@@ -9,16 +9,6 @@ from attribution import (DiffusionTask, SparseProjector, StepOutput, TrainLoss, 
 from attribution.testing import tiny_cond_unet, tiny_unet
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread (runs after conftest's 2-thread fixture): on the shared 2-core machine,
-    OpenMP spin-waiting of 2 threads next to another busy process made these tests 20-60x slower
-    (measured); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 F64 = torch.float64
 
 

@@ -7,16 +7,6 @@ from attribution import DiffusionTask, StepOutput, TrainLoss, make_output
 from attribution.testing import tiny_unet
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread (runs after conftest's 2-thread fixture): on the shared 2-core machine,
-    OpenMP spin-waiting of 2 threads next to another busy process made these tests 20-60x slower
-    (measured); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 SHAPE = (1, 8, 8)
 
 

@@ -1,5 +1,4 @@
 """End to end: identical seeds give identical features and scores; resumed featurizing matches."""
-import pytest
 import torch
 from diffusers import DDPMScheduler
 
@@ -7,16 +6,6 @@ from attribution import (DiffusionTask, FeatureStore, SparseProjector, StepOutpu
                          checkpoint_seed, featurize_batch, finalize, num_parameters, score, x0_hat)
 from attribution.testing import tiny_unet
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread (runs after conftest's 2-thread fixture): on the shared 2-core machine,
-    OpenMP spin-waiting of 2 threads next to another busy process made these tests 20-60x slower
-    (measured); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 N, D = 24, 16
 

@@ -9,17 +9,6 @@ from attribution import (DenseProjector, IdentityProjector, SparseProjector, che
                          make_projector)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread (runs after conftest's 2-thread fixture): on the shared 2-core machine,
-    OpenMP spin-waiting of 2 threads next to another busy process made these tests 20-60x slower
-    (measured); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _vectors(n, p, seed=0):
     return torch.randn(n, p, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 

@@ -6,16 +6,6 @@ from scipy.stats import spearmanr
 from attribution import FeatureStore, dense_scores_float64, finalize, lambda_sweep, score, topk_scores
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread (runs after conftest's 2-thread fixture): on the shared 2-core machine,
-    OpenMP spin-waiting of 2 threads next to another busy process made these tests 20-60x slower
-    (measured); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 F64 = torch.float64
 
 

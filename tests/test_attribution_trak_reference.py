@@ -17,17 +17,6 @@ from trak.gradient_computers import AbstractGradientComputer  # noqa: E402
 from trak.projectors import NoOpProjector  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread (runs after conftest's 2-thread fixture): on the shared 2-core machine,
-    OpenMP spin-waiting of 2 threads next to another busy process made these tests 20-60x slower
-    (measured); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class Precomputed(AbstractGradientComputer):
     """Batches are ``(grads (B, p), out_to_loss (B, 1))``."""
 

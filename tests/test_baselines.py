@@ -13,14 +13,6 @@ from attribution.baselines import (SmallConvClassifier, class_fraction, classifi
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def digits():
     from sklearn.datasets import load_digits

@@ -16,14 +16,6 @@ from attribution.testing import tiny_cond_unet, tiny_unet
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def task():
     return DiffusionTask.from_scheduler(DDPMScheduler(num_train_timesteps=1000))

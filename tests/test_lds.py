@@ -15,14 +15,6 @@ from attribution.lds import (LDSResult, choose_lambda_heldout, lds, lds_per_lamb
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _problem(J=64, N=200, B=12, S=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     masks = torch.rand(J, N, generator=g) < 0.5

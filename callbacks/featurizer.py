@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -201,7 +201,3 @@ class _eval_mode:
 
     def __exit__(self, *exc):
         self.module.train(self.was_training)
-
-
-def settings_dict(settings: FeaturizeSettings) -> dict:
-    return asdict(settings)

@@ -170,9 +170,13 @@ class DDPMModule(LightningModule):
         checkpoint["module_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "DDPMModule":
-        """Rebuild the module (UNet from the configuration stored in the checkpoint) and load its weights."""
-        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+    def from_checkpoint(cls, path: str | Path | dict, map_location: str | torch.device = "cpu") -> "DDPMModule":
+        """Rebuild the module (UNet from the configuration stored in the checkpoint) and load its weights.
+
+        ``path`` is a checkpoint file or the checkpoint dict already loaded from one.
+        """
+        checkpoint = path if isinstance(path, dict) else torch.load(path, map_location=map_location,
+                                                                     weights_only=False)
         unet = UNet2DModel.from_config(checkpoint["unet_config"])
         hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
         module = cls(unet, **hparams)

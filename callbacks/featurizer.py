@@ -125,6 +125,10 @@ class CheckpointFeaturizer:
     def __init__(self, settings: FeaturizeSettings) -> None:
         self.settings = settings
 
+    def rows_loader(self, datamodule: Any) -> Callable[[torch.Tensor], Any]:
+        """Global indices (R,) -> the datamodule's deterministic featurize loader over them."""
+        return lambda rows: datamodule.featurize_dataloader(rows.tolist(), batch_size=self.settings.batch_size)
+
     def prepare(self, module: AttributableDiffusion, data_identity: dict, checkpoint: dict) -> tuple[dict, Projector]:
         """Store metadata and projector for the module's current weights."""
         s = self.settings

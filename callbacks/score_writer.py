@@ -72,8 +72,7 @@ class ScoreWriter(BasePredictionWriter):
     @staticmethod
     def _target_result(pl_module: LightningModule, traj) -> Optional[dict]:
         from lightning_modules.attribution_module import pair_file
-        wanted = pl_module.hparams.steps
-        steps = [int(t) for t in traj.timesteps.tolist() if wanted is None or int(t) in set(wanted)]
+        steps = [t for _, t in pl_module.selected_steps(traj)]
         files = [pair_file(pl_module.out_dir, traj.target_id, t) for t in steps]
         if not steps or not all(f.exists() for f in files):
             return None

@@ -84,7 +84,7 @@ class TrakFeaturizeCallback(Callback):
                             "data identity (`num_examples`, `fingerprint`); see datamodules.ImageDataModule")
         name = Path(path).stem if path and not Path(path).stem.startswith("last") else f"step{info['global_step']:06d}"
         store_dir = self._out_dir(trainer, path) / name
-        loader = lambda rows: datamodule.featurize_dataloader(rows.tolist(), batch_size=self.settings.batch_size)
+        loader = self.featurizer.rows_loader(datamodule)
         store, stats = self.featurizer.run(pl_module, loader, data_identity(datamodule), store_dir, info,
                                            rank=trainer.global_rank, world_size=trainer.world_size,
                                            barrier=trainer.strategy.barrier, device=pl_module.device,

@@ -111,15 +111,15 @@ class AttributionModule(LightningModule):
                              f"{datamodule.fingerprint}")
 
     # ----------------------------------------------------------------- data
+    def selected_steps(self, traj: Trajectory) -> list[tuple[int, int]]:
+        """(step index, timestep) of the target's recorded steps that are scored (``steps``, or all)."""
+        wanted = None if self.hparams.steps is None else {int(t) for t in self.hparams.steps}
+        return [(s, t) for s, t in enumerate(traj.timesteps.tolist()) if wanted is None or t in wanted]
+
     def pending_pairs(self) -> list[tuple[int, int]]:
         """(target, step index) pairs not scored yet (scored pairs are files under out_dir/pairs)."""
-        wanted = None if self.hparams.steps is None else {int(t) for t in self.hparams.steps}
-        pairs = []
-        for traj in self.targets:
-            for s, t in enumerate(traj.timesteps.tolist()):
-                if (wanted is None or t in wanted) and not pair_file(self.out_dir, traj.target_id, t).exists():
-                    pairs.append((traj.target_id, s))
-        return pairs
+        return [(traj.target_id, s) for traj in self.targets for s, t in self.selected_steps(traj)
+                if not pair_file(self.out_dir, traj.target_id, t).exists()]
 
     def predict_dataloader(self) -> DataLoader:
         return DataLoader(PairDataset(self.targets, self.pending_pairs()), batch_size=self.hparams.pair_batch_size)

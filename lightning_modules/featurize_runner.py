@@ -39,10 +39,9 @@ class FeaturizeRunner(LightningModule):
     def _featurize_one(self, ckpt_path: Path, store_dir: Path) -> dict:
         checkpoint = torch.load(ckpt_path, map_location=self.device, weights_only=False)
         self.module.load_state_dict(checkpoint["state_dict"])
-        batch_size = self.featurizer.settings.batch_size
-        loader = lambda rows: self.data.featurize_dataloader(rows.tolist(), batch_size=batch_size)
         info = {"file": str(ckpt_path), "global_step": int(checkpoint.get("global_step", -1)),
                 "epoch": int(checkpoint.get("epoch", -1))}
+        loader = self.featurizer.rows_loader(self.data)
         store, stats = self.featurizer.run(self.module, loader, data_identity(self.data), store_dir, info,
                                            rank=self.global_rank, world_size=self.trainer.world_size,
                                            barrier=self.trainer.strategy.barrier, device=self.device,

@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: test demo venv clean-demo
+.PHONY: test demo demo-ldm venv clean-demo
 
 venv: $(STAMP)
 
@@ -45,5 +45,35 @@ demo: $(STAMP)
 	@echo "  $(DEMO)/scores/index.html                    every target, one page"
 	@echo "  .venv/bin/tensorboard --logdir $(DEMO)        loss, featurize speed, sample grids, influencers"
 
+# The same chain for the text-conditional LDM on the digits with captions ("a handwritten digit seven"):
+# masks -> VAE -> LDM on the mask with the featurize callback (latents cached once) -> sample 4 prompts
+# with guidance, recording 10 steps in latent space -> score -> report (decoded x0_hat pictures).
+LDM_DEMO := runs/demo_ldm
+LDM_ARGS := --model.init_args.vae=$(LDM_DEMO)/vae/version_0/checkpoints/vae.ckpt \
+	--model.init_args.latent_cache=$(LDM_DEMO)/latents
+CAPTIONS := --data.init_args.caption_template="a handwritten digit {label}"
+PROMPTS := '["a handwritten digit three", "a handwritten digit five", "a handwritten digit seven", "a handwritten digit zero"]'
+demo-ldm: $(STAMP)
+	rm -rf $(LDM_DEMO)
+	$(PY) cli.py masks --config configs/ddpm_digits.yaml --out_dir $(LDM_DEMO)/masks --num_masks 1 --seed 0 \
+		--trainer.logger=false --trainer.default_root_dir=$(LDM_DEMO)/masks
+	$(PY) cli.py fit --config configs/vae_digits.yaml --trainer.logger.init_args.save_dir=$(LDM_DEMO) \
+		--trainer.logger.init_args.name=vae --trainer.logger.init_args.version=0
+	$(PY) cli.py fit --config configs/ldm_digits.yaml --config configs/featurize_digits.yaml $(LDM_ARGS) \
+		--data.subset_mask=$(LDM_DEMO)/masks/mask_000.npy --trainer.logger.init_args.save_dir=$(LDM_DEMO) \
+		--trainer.logger.init_args.name=fit --trainer.logger.init_args.version=0
+	$(PY) cli.py sample --config configs/ldm_digits.yaml $(LDM_ARGS) --checkpoint $(LDM_DEMO)/fit/version_0/checkpoints/step002000.ckpt \
+		--out_dir $(LDM_DEMO)/targets --num_targets 4 --num_record_steps 10 --prompts $(PROMPTS) \
+		--trainer.logger=false --trainer.default_root_dir=$(LDM_DEMO)/targets
+	$(PY) cli.py score --config configs/score_digits.yaml $(CAPTIONS) --model.features=$(LDM_DEMO)/fit/version_0/features \
+		--model.targets=$(LDM_DEMO)/targets --trainer.logger.init_args.save_dir=$(LDM_DEMO) \
+		--trainer.logger.init_args.name=score --trainer.logger.init_args.version=0
+	@echo
+	@echo "Done. Look at:"
+	@echo "  $(LDM_DEMO)/vae/version_0/samples/reconstructions.png   digits (top) and their VAE reconstructions"
+	@echo "  $(LDM_DEMO)/fit/version_0/samples/final.png             LDM samples for the prompts zero ... nine"
+	@echo "  $(LDM_DEMO)/scores/target_0000.png ...                  decoded x0_hat per step, top influencers"
+	@echo "  $(LDM_DEMO)/scores/index.html                           every target with its prompt"
+
 clean-demo:
-	rm -rf $(DEMO)
+	rm -rf $(DEMO) $(LDM_DEMO)

@@ -31,7 +31,9 @@ _REAL_NOISE_STREAM = 31
 @dataclass
 class Trajectory:
     """One target. Shapes: ``timesteps (S,)``, ``x_t`` and ``x0_hat`` ``(S, C, H, W)``, ``final (C, H, W)``,
-    ``cond`` None or ``(L, D)``; ``source`` is "sampled" or "real:<global index>"."""
+    ``cond`` None or ``(L, D)``; ``source`` is "sampled" or "real:<global index>". For a latent model
+    ``x_t``, ``x0_hat`` and ``final`` are latents and ``x0_hat_image`` ``(S, C', H', W')`` and
+    ``final_image`` hold their decoded pictures (``pictures()`` returns whichever a person looks at)."""
 
     target_id: int
     seed: int
@@ -43,6 +45,13 @@ class Trajectory:
     cond: Optional[Tensor] = None
     prompt: Optional[str] = None
     info: dict = field(default_factory=dict)
+    x0_hat_image: Optional[Tensor] = None
+    final_image: Optional[Tensor] = None
+
+    def pictures(self) -> tuple[Tensor, Tensor]:
+        """``(x0_hat pictures (S, C, H, W), final picture (C, H, W))`` in [-1, 1]: decoded when latent."""
+        return (self.x0_hat if self.x0_hat_image is None else self.x0_hat_image,
+                self.final if self.final_image is None else self.final_image)
 
     def save(self, path: str | Path) -> None:
         """``torch.save`` through a temp file and ``os.replace``."""

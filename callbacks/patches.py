@@ -54,7 +54,7 @@ def load_patch(patch: Optional[str], targets: list) -> Masks:
         return None
     height, width = targets[0].x_t.shape[-2:]
     if not Path(patch).suffix:  # a rectangle in the pixels of the final image, mapped to the x_t grid
-        return _resize(parse_rectangle(patch, *targets[0].final.shape[-2:]), height, width)
+        return _resize(parse_rectangle(patch, *targets[0].pictures()[1].shape[-2:]), height, width)
     mask = _read_file(Path(patch))
     if mask.ndim == 2:
         return _resize(mask.unsqueeze(0), height, width)

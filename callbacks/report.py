@@ -41,6 +41,7 @@ def influencer_figure(trajectory: Any, result: dict, images: Callable, path: str
     import matplotlib.pyplot as plt
 
     steps = result["timesteps"].tolist()
+    x0_hat_pictures, final_picture = trajectory.pictures()
     position = {int(t): s for s, t in enumerate(trajectory.timesteps.tolist())}
     cols, rows = len(steps) + 1, 1 + 2 * k
     fig, axes = plt.subplots(rows, cols, figsize=(1.1 * cols, 1.15 * rows), squeeze=False)
@@ -49,7 +50,7 @@ def influencer_figure(trajectory: Any, result: dict, images: Callable, path: str
     for c, t in enumerate(steps):
         ax = axes[0, c]
         ax.axis("on")
-        _show(ax, trajectory.x0_hat[position[t]], title=f"x0_hat, t={t}")
+        _show(ax, x0_hat_pictures[position[t]], title=f"x0_hat, t={t}")
         for r in range(k):
             for sign, offset, color in (("positive", 1, GREEN), ("negative", 1 + k, RED)):
                 index = int(result[f"{sign}_indices"][r, c])
@@ -58,7 +59,7 @@ def influencer_figure(trajectory: Any, result: dict, images: Callable, path: str
                 ax.axis("on")
                 _show(ax, images([index])[0], color, title=f"#{index} {value:+.2g}")
     axes[0, -1].axis("on")
-    _show(axes[0, -1], trajectory.final, title="final")
+    _show(axes[0, -1], final_picture, title="final")
     caption = f"target {trajectory.target_id} (seed {trajectory.seed})" + (
         f": {trajectory.prompt}" if trajectory.prompt else "")
     fig.suptitle(f"{caption} - top {k} positive (green) and negative (red) influencers per step", fontsize=8)

@@ -30,11 +30,10 @@ class ArrayDataModule(ImageDataModule):
         seed: int = 0,
         image_size: Optional[int] = None,
         pad: int = 0,
+        caption_template: Optional[str] = None,
     ) -> None:
         self.path = path
-        super().__init__(subset_mask, batch_size, num_workers, augment, seed, image_size, pad)
-        if self._labels is not None:
-            self.label_names = [str(k) for k in range(int(self._labels.max()) + 1)]
+        super().__init__(subset_mask, batch_size, num_workers, augment, seed, image_size, pad, caption_template)
 
     def _load_source(self) -> tuple[np.ndarray, Optional[np.ndarray]]:
         path = Path(self.path)
@@ -50,8 +49,10 @@ class ArrayDataModule(ImageDataModule):
                     f"ArrayDataModule: expected an 'images' array in '{path}', "
                     f"but it holds {sorted(archive.files)}"
                 )
-            labels = archive["labels"] if "labels" in archive else None
-            return archive["images"], self._check_labels(labels, path)
+            labels = self._check_labels(archive["labels"] if "labels" in archive else None, path)
+            if labels is not None and labels.size:
+                self.label_names = [str(k) for k in range(int(labels.max()) + 1)]
+            return archive["images"], labels
 
     @staticmethod
     def _check_labels(labels: Optional[np.ndarray], path: Path) -> Optional[np.ndarray]:

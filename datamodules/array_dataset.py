@@ -59,8 +59,10 @@ class ArrayImageDataset(Dataset):
         labels: int64 ``(N,)`` tensor, or ``None`` (labels are then -1).
         indices: global indices this dataset exposes, in order; ``None`` means all ``N``.
         augment: random horizontal flip (global torch RNG, seeded by the worker/Lightning seed).
+        captions: one caption per global index (``N`` strings), or ``None``.
 
-    Each item is ``{"image": float (C, H, W) in [-1, 1], "index": int, "label": int}``.
+    Each item is ``{"image": float (C, H, W) in [-1, 1], "index": int, "label": int}``, plus
+    ``"caption": str`` when ``captions`` are given.
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class ArrayImageDataset(Dataset):
         labels: Optional[torch.Tensor] = None,
         indices: Optional[np.ndarray] = None,
         augment: bool = False,
+        captions: Optional[list[str]] = None,
     ) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(
@@ -86,6 +89,9 @@ class ArrayImageDataset(Dataset):
                 f"Expected indices in [0, {num}), but got min {self.indices.min()} max {self.indices.max()}"
             )
         self.augment = augment
+        if captions is not None and len(captions) != num:
+            raise ValueError(f"Expected one caption per image ({num}), but got {len(captions)}")
+        self.captions = captions
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -96,4 +102,7 @@ class ArrayImageDataset(Dataset):
         if self.augment and torch.rand(()) < 0.5:
             image = image.flip(-1)
         label = -1 if self.labels is None else int(self.labels[index])
-        return {"image": image, "index": index, "label": label}
+        item = {"image": image, "index": index, "label": label}
+        if self.captions is not None:
+            item["caption"] = self.captions[index]
+        return item

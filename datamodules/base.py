@@ -34,9 +34,13 @@ class ImageDataModule(LightningDataModule):
         image_size: resize (antialiased; shorter side, then center crop) to this square size;
             ``None`` keeps the source size.
         pad: zero pixels added on each side after resizing.
+        caption_template: give every item a ``"caption"`` made from its label, e.g.
+            ``"a handwritten digit {label}"`` (``{label}`` is the label's name in ``caption_names``);
+            for text-conditional models. ``None``: no captions.
     """
 
     label_names: Optional[list[str]] = None
+    caption_names: Optional[list[str]] = None  # the words captions use for labels (default: label_names)
 
     def __init__(
         self,
@@ -47,6 +51,7 @@ class ImageDataModule(LightningDataModule):
         seed: int = 0,
         image_size: Optional[int] = None,
         pad: int = 0,
+        caption_template: Optional[str] = None,
     ) -> None:
         super().__init__()
         self._check_args(batch_size, num_workers, image_size, pad)
@@ -58,6 +63,8 @@ class ImageDataModule(LightningDataModule):
         self.seed = seed
         self.image_size = image_size
         self.pad = pad
+        self.caption_template = caption_template
+        self._captions: Optional[list[str]] = None
         self._images: Optional[torch.Tensor] = None
         self._labels: Optional[torch.Tensor] = None
         self._fingerprint: Optional[str] = None
@@ -90,8 +97,9 @@ class ImageDataModule(LightningDataModule):
         return int(self._images.shape[0])
 
     def _fingerprint_extra(self) -> str:
-        """Settings that change the pixels the model sees, mixed into the fingerprint."""
-        return f"{type(self).__name__}:image_size={self.image_size}:pad={self.pad}"
+        """Settings that change what the model sees (pixels, captions), mixed into the fingerprint."""
+        extra = f"{type(self).__name__}:image_size={self.image_size}:pad={self.pad}"
+        return extra + (f":caption_template={self.caption_template}" if self.caption_template else "")
 
     # ------------------------------------------------------------------------------ loading
     def _ensure_loaded(self) -> None:
@@ -107,6 +115,20 @@ class ImageDataModule(LightningDataModule):
         self._fingerprint = dataset_fingerprint(source, labels, extra=self._fingerprint_extra())
         self._images = resize_and_pad(source, self.image_size, self.pad)
         self._labels = None if labels is None else torch.from_numpy(labels)
+        self._captions = self._make_captions(labels)
+
+    def _make_captions(self, labels: Optional[np.ndarray]) -> Optional[list[str]]:
+        if self.caption_template is None:
+            return None
+        names = self.caption_names or self.label_names
+        if labels is None or names is None:
+            raise ValueError(f"{type(self).__name__}: `caption_template` {self.caption_template!r} needs labelled "
+                             f"data with label names, but this data has {'no labels' if labels is None else 'no names'}")
+        try:
+            return [self.caption_template.format(label=names[int(k)]) for k in labels]
+        except (KeyError, IndexError) as error:
+            raise ValueError(f"Expected `caption_template` to use only the field {{label}}, e.g. 'a photo of a "
+                             f"{{label}}', but got {self.caption_template!r} ({error!r})") from None
 
     def prepare_data(self) -> None:
         """Nothing to download: every source is local (this project never downloads data)."""
@@ -136,7 +158,7 @@ class ImageDataModule(LightningDataModule):
     def full_dataset(self) -> ArrayImageDataset:
         """All N examples in global index order, never augmented."""
         self._ensure_loaded()
-        return ArrayImageDataset(self._images, self._labels, None, augment=False)
+        return ArrayImageDataset(self._images, self._labels, None, augment=False, captions=self._captions)
 
     def _check_indices(self, indices: Optional[Sequence[int]]) -> np.ndarray:
         if indices is None:
@@ -162,7 +184,7 @@ class ImageDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """The subset only, shuffled by a ``torch.Generator`` seeded with ``seed``."""
         self._ensure_loaded()
-        dataset = ArrayImageDataset(self._images, self._labels, self.subset_indices, self.augment)
+        dataset = ArrayImageDataset(self._images, self._labels, self.subset_indices, self.augment, self._captions)
         generator = torch.Generator().manual_seed(self.seed)
         return self._loader(dataset, self.batch_size, generator)
 
@@ -171,7 +193,8 @@ class ImageDataModule(LightningDataModule):
     ) -> DataLoader:
         """Deterministic order over ``indices`` (global; default all N); no shuffle, no augment."""
         self._ensure_loaded()
-        dataset = ArrayImageDataset(self._images, self._labels, self._check_indices(indices), False)
+        dataset = ArrayImageDataset(self._images, self._labels, self._check_indices(indices), False,
+                                    self._captions)
         return self._loader(dataset, batch_size or self.batch_size)
 
     def predict_dataloader(self):
@@ -186,6 +209,14 @@ class ImageDataModule(LightningDataModule):
         """Float ``(k, C, H, W)`` in ``[-1, 1]`` for global ``indices`` (pictures, pixel similarity)."""
         self._ensure_loaded()
         return to_float(self._images[torch.from_numpy(self._check_indices(indices))])
+
+    def captions(self, indices: Sequence[int]) -> list[str]:
+        """The caption of each global index (``caption_template`` must be set)."""
+        self._ensure_loaded()
+        if self._captions is None:
+            raise ValueError(f"{type(self).__name__} has no captions: set `caption_template` (e.g. "
+                             f"'a handwritten digit {{label}}') to train or score a text-conditional model")
+        return [self._captions[int(i)] for i in self._check_indices(indices)]
 
     # ------------------------------------------------------------------- checkpoint identity
     def state_dict(self) -> dict:

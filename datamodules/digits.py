@@ -15,11 +15,13 @@ class DigitsDataModule(ImageDataModule):
     """``sklearn.datasets.load_digits()``: N = 1797, 1x8x8, labels 0..9; the embedded default.
 
     Pixel values 0..16 are scaled to uint8 by ``round(v * 255 / 16)``. ``image_size`` resizes
-    (default 8: no resize), ``pad`` adds zero pixels after resizing. Other arguments: see
+    (default 8: no resize), ``pad`` adds zero pixels after resizing. With ``caption_template``
+(e.g. ``"a handwritten digit {label}"``) items carry captions such as "a handwritten digit seven". Other arguments: see
     :class:`~datamodules.base.ImageDataModule`.
     """
 
     label_names = [str(digit) for digit in range(10)]
+    caption_names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
     def __init__(
         self,
@@ -30,8 +32,9 @@ class DigitsDataModule(ImageDataModule):
         seed: int = 0,
         image_size: Optional[int] = 8,
         pad: int = 0,
+        caption_template: Optional[str] = None,
     ) -> None:
-        super().__init__(subset_mask, batch_size, num_workers, augment, seed, image_size, pad)
+        super().__init__(subset_mask, batch_size, num_workers, augment, seed, image_size, pad, caption_template)
 
     def _load_source(self) -> tuple[np.ndarray, np.ndarray]:
         from sklearn.datasets import load_digits

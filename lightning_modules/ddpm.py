@@ -19,6 +19,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from attribution import DiffusionTask
 from attribution.sampling import ddpm_sample
+from attribution.trajectory import Trajectory, from_samples, real_image_target
 from lightning_modules.checkpoint_meta import data_identity, write_identity
 from lightning_modules.images import save_grid
 
@@ -127,6 +128,25 @@ class DDPMModule(LightningModule):
         finally:
             self.train(was_training)
 
+    def sample_images(self, seeds, num_inference_steps: Optional[int] = None) -> torch.Tensor:
+        """Pictures (B, C, H, W) in [-1, 1] of seeded samples (the sample grid)."""
+        return self.sample(seeds, num_inference_steps).images
+
+    def record_targets(self, seeds, num_inference_steps: Optional[int], record_steps, prompts=None,
+                       info: Optional[dict] = None) -> list[Trajectory]:
+        """Generate one target per seed, recording x_t and x0_hat_t at ``record_steps`` (ids 0, 1, ...)."""
+        if prompts:
+            raise ValueError(f"{type(self).__name__} is unconditional: expected no `prompts`, but got {len(prompts)}")
+        result = self.sample(seeds, num_inference_steps, record=True, record_steps=record_steps)
+        return from_samples(result, first_id=0, info=info)
+
+    def real_target(self, datamodule: Any, index: int, steps, seed: int, target_id: int,
+                    info: Optional[dict] = None) -> Trajectory:
+        """Training image ``index`` as a target: noised to each of ``steps`` with noise from ``seed``."""
+        image = datamodule.images([index])[0].to(self.device)
+        return real_image_target(lambda x, t: self.predict_noise(x, t), self.alphas_cumprod, image, steps,
+                                 seed=seed, target_id=target_id, index=index, info=info)
+
     def on_train_epoch_end(self) -> None:
         every = self.hparams.sample_every_n_epochs
         if every and (self.current_epoch + 1) % every == 0:
@@ -141,7 +161,7 @@ class DDPMModule(LightningModule):
         if not self.trainer.is_global_zero:
             return None
         seeds = range(self.hparams.sample_seed, self.hparams.sample_seed + self.hparams.num_samples)
-        images = self.sample(list(seeds), self.hparams.sample_inference_steps).images
+        images = self.sample_images(list(seeds), self.hparams.sample_inference_steps)
         tag = tag or f"epoch_{self.current_epoch:04d}"
         path = Path(log_dir or self.trainer.default_root_dir) / "samples" / f"{tag}.png"
         grid = save_grid(images, path, upscale=max(1, 32 // images.shape[-1]))
@@ -167,6 +187,7 @@ class DDPMModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         write_identity(checkpoint, data_identity(self.trainer.datamodule))
         checkpoint["unet_config"] = dict(self.unet.config)
+        checkpoint["unet_class"] = f"{type(self.unet).__module__}.{type(self.unet).__qualname__}"
         checkpoint["module_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
 
     @classmethod
@@ -177,11 +198,19 @@ class DDPMModule(LightningModule):
         """
         checkpoint = path if isinstance(path, dict) else torch.load(path, map_location=map_location,
                                                                      weights_only=False)
-        unet = UNet2DModel.from_config(checkpoint["unet_config"])
+        unet_class = _import(checkpoint.get("unet_class", "diffusers.UNet2DModel"))
+        unet = unet_class.from_config(checkpoint["unet_config"])
         hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
         module = cls(unet, **hparams)
         module.load_state_dict(checkpoint["state_dict"])
+        module.on_load_checkpoint(checkpoint)
         return module
+
+
+def _import(class_path: str):
+    import importlib
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 def _pair(size) -> tuple[int, int]:

@@ -5,6 +5,7 @@
   ``AttributionModule`` does), then one score matrix per candidate ridge from the stores' stored
   eigendecomposition (``iter_score_blocks`` with each store's relative lambda). ``trak_1ckpt`` uses
   only the last store; ``trak_square`` uses D-TRAK's square output on the target side.
+* ``trak@<name>``: ``trak`` on the stores of ``plan.extra_features[name]`` (e.g. another projector).
 * ``pixel``: cosine similarity between x0_hat_t and each training image.
 * ``embedding``: the same in the penultimate features of a classifier trained on the dataset.
 * ``random``: seeded Gaussian scores.
@@ -18,8 +19,9 @@ from typing import Sequence
 
 import torch
 
-from attribution import (FeatureStore, StepOutput, embedding_cosine_scores, featurize_batch, iter_score_blocks,
-                         load_kernel, pixel_cosine_scores, random_scores, relative_lambda, train_classifier, x0_hat)
+from attribution import (FeatureStore, StepOutput, embedding_cosine_scores, iter_score_blocks, load_kernel,
+                         pixel_cosine_scores, random_scores, relative_lambda, train_classifier, x0_hat)
+from attribution.fastpath import featurize_batch_auto
 from attribution.trajectory import Trajectory
 from callbacks.featurizer import projector_from_meta
 from lightning_modules.lds_outputs import stacked_x0_hat
@@ -60,12 +62,13 @@ def target_gradients(store: FeatureStore, targets: Sequence[Trajectory], steps: 
     x_t = x_t.reshape(B * S, *x_t.shape[2:])
     t = torch.tensor(list(steps)).repeat(B)
     keys = torch.tensor([tr.target_id for tr in targets]).repeat_interleave(S)
+    cond = None if targets[0].cond is None else torch.stack([tr.cond for tr in targets]).repeat_interleave(S, 0)
     with torch.no_grad():
-        estimate = x0_hat(x_t, task.predict_noise(model, x_t, t), t, task.alphas_cumprod)
+        estimate = x0_hat(x_t, task.predict_noise(model, x_t, t, cond), t, task.alphas_cumprod)
     output = StepOutput(plan.num_draws, plan.draw_seed, kind=kind, share_noise=plan.share_noise)
     with torch.enable_grad():
-        return featurize_batch(task, model, output, projector_from_meta(store.meta["projector"]), estimate, keys,
-                               steps=t, param_names=store.meta.get("param_names"))
+        return featurize_batch_auto(task, model, output, projector_from_meta(store.meta["projector"], model),
+                                    estimate, keys, cond=cond, steps=t, param_names=store.meta.get("param_names"))
 
 
 def trak_scores(stores: Sequence[FeatureStore], grads: Sequence[torch.Tensor], lambdas: Sequence[float],
@@ -107,6 +110,9 @@ def method_scores(method: str, plan: LDSPlan, stores, targets: Sequence[Trajecto
                   images: torch.Tensor, classifier, cache_dir: Path) -> torch.Tensor:
     """``(L, N, B, S)`` for a TRAK method (L = len(plan.lambdas)), ``(N, B, S)`` for a baseline."""
     B, S = len(targets), len(steps)
+    if method.startswith("trak@"):
+        extra = open_stores(plan.extra_features[method.split("@", 1)[1]])
+        return trak_scores(extra, cached_gradients(plan, extra, targets, steps, "loss", cache_dir), plan.lambdas, B, S)
     if method in TRAK_METHODS:
         kind, last = TRAK_METHODS[method]
         use = list(stores[-last:]) if last else list(stores)

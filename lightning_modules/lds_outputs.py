@@ -57,7 +57,8 @@ def step_outputs(module, targets: Sequence[Trajectory], steps: Sequence[int], pl
     flat = x0.reshape(B * S, *x0.shape[2:])
     draws = output.draws(keys, flat.shape[1:], t, num_train_timesteps=task.num_train_timesteps, device=device,
                          dtype=flat.dtype)
-    values = [output.per_example(task, model, flat[i], draws.select(i), None) for i in range(B * S)]
+    conds = [None if t.cond is None else t.cond.to(device) for t in targets]  # a text-conditional model's prompt
+    values = [output.per_example(task, model, flat[i], draws.select(i), conds[i // S]) for i in range(B * S)]
     return torch.stack(values).to(torch.float64).reshape(B, S).cpu()
 
 

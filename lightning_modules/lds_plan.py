@@ -50,7 +50,11 @@ class LDSPlan:
         draw_seed: seed of those draws.
         share_noise: D-TRAK noise sharing (must match how the stores were featurized).
         use_ema: EMA weights of the models when kept.
-        methods: compared methods, among trak, trak_1ckpt, trak_square, pixel, embedding, random.
+        methods: compared methods, among trak, trak_1ckpt, trak_square, pixel, embedding, random, and
+            ``trak@<name>`` for each entry of ``extra_features``.
+        extra_features: name -> another folder of the full model's feature stores (e.g. made with another
+            projector: ``{"gaussian": "runs/x/features_gaussian"}``); method ``trak@<name>`` is TRAK (Eq. 3)
+            on every store of that folder, scored exactly like ``trak``.
         lambdas: candidate ridge values, relative to each kernel's mean eigenvalue.
         lambda_per_step: choose lambda per step (else one for all steps).
         heldout_fraction: share of the targets that choose lambda (never reported).
@@ -91,6 +95,7 @@ class LDSPlan:
     share_noise: bool = False
     use_ema: bool = True
     methods: list[str] = field(default_factory=lambda: list(METHODS))
+    extra_features: dict[str, str] = field(default_factory=dict)
     lambdas: list[float] = field(default_factory=lambda: [1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0])
     lambda_per_step: bool = False
     heldout_fraction: float = 0.5
@@ -120,9 +125,11 @@ class LDSPlan:
         if self.replicate_masks < 0 or self.replicate_masks > self.num_masks or self.replicate_seeds < 2:
             raise ValueError(f"Expected 0 <= `plan.replicate_masks` <= num_masks = {self.num_masks} and "
                              f"`plan.replicate_seeds` >= 2, but got {self.replicate_masks} and {self.replicate_seeds}")
-        unknown = sorted(set(self.methods) - set(METHODS)) + sorted(set(self.cf_methods) - set(METHODS))
+        known = set(METHODS) | {f"trak@{name}" for name in self.extra_features}
+        unknown = sorted(set(self.methods) - known) + sorted(set(self.cf_methods) - known)
         if unknown:
-            raise ValueError(f"Expected `plan.methods` and `plan.cf_methods` among {list(METHODS)}, but got {unknown}")
+            raise ValueError(f"Expected `plan.methods` and `plan.cf_methods` among {sorted(known)} (trak@<name> "
+                             f"needs `plan.extra_features.<name>`), but got {unknown}")
         if not self.lambdas or min(self.lambdas) <= 0:
             raise ValueError(f"Expected `plan.lambdas` to be positive relative ridges, but got {self.lambdas}")
         if self.runner not in ("subprocess", "inprocess"):

@@ -1,17 +1,13 @@
 """Rebuild a diffusion LightningModule from a checkpoint file, whatever its class."""
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Optional
 
 import torch
 from lightning.pytorch import LightningModule
 
-
-def _import(class_path: str):
-    module, _, name = class_path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
+from lightning_modules.ddpm import _import
 
 
 def load_diffusion_module(path: str | Path, class_path: Optional[str] = None,

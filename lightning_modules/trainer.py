@@ -17,7 +17,7 @@ from callbacks.featurizer import CheckpointFeaturizer, FeaturizeSettings
 from callbacks.protocol import check_protocol
 from callbacks.trak_featurize import TrakFeaturizeCallback
 from lightning_modules.checkpoint_meta import CheckpointMismatchError, check_identity
-from attribution.trajectory import from_samples, real_image_target, save_targets
+from attribution.trajectory import save_targets
 from lightning_modules.featurize_runner import FeaturizeRunner
 from lightning_modules.images import save_grid
 from lightning_modules.lds_workflow import LDS_SUBCOMMANDS, LDSCommands
@@ -73,7 +73,7 @@ class AttributionTrainer(LDSCommands, Trainer):
     def sample(self, model: LightningModule, datamodule: LightningDataModule, checkpoint: str, out_dir: str,
                num_targets: int = 4, seed: int = 0, num_inference_steps: Optional[int] = None,
                num_record_steps: int = 10, record_steps: Optional[list[int]] = None,
-               real_indices: Optional[list[int]] = None) -> Path:
+               real_indices: Optional[list[int]] = None, prompts: Optional[list[str]] = None) -> Path:
         """Generate targets from a checkpoint and record their trajectories (and real images as targets).
 
         Args:
@@ -85,22 +85,22 @@ class AttributionTrainer(LDSCommands, Trainer):
             num_record_steps: record this many evenly spaced steps (when `record_steps` is not given).
             record_steps: the timesteps to record (each must be on the sampling schedule).
             real_indices: training images (global indices) to add as targets, noised to the recorded steps.
+            prompts: captions for a text-conditional model (cycled over the targets); real images use their own.
         """
         check_checkpoint(Path(checkpoint), model, datamodule)
         model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"])
         model.to(self.strategy.root_device).eval()
         steps = record_steps or evenly_spaced_steps(model.noise_scheduler, num_inference_steps, num_record_steps)
-        result = model.sample(list(range(seed, seed + num_targets)), num_inference_steps, record=True,
-                              record_steps=steps)
+        if prompts:  # cycled over the targets
+            prompts = [prompts[i % len(prompts)] for i in range(num_targets)]
         info = {"checkpoint": str(checkpoint), "num_inference_steps": num_inference_steps}
-        targets = from_samples(result, first_id=0, info=info)
+        targets = model.record_targets(list(range(seed, seed + num_targets)), num_inference_steps, steps,
+                                       prompts=prompts, info=info)
         for j, index in enumerate(real_indices or []):
-            image = datamodule.images([index])[0].to(model.device)
-            targets.append(real_image_target(lambda x, t: model.predict_noise(x, t), model.alphas_cumprod, image,
-                                             steps, seed=seed + num_targets + j, target_id=num_targets + j,
-                                             index=index, info=info))
+            targets.append(model.real_target(datamodule, index, steps, seed=seed + num_targets + j,
+                                             target_id=num_targets + j, info=info))
         folder = save_targets(targets, out_dir)
-        save_grid(torch.stack([t.final for t in targets]), folder / "targets.png", upscale=4)
+        save_grid(torch.stack([t.pictures()[1] for t in targets]), folder / "targets.png", upscale=4)
         rank_zero_info(f"recorded {len(targets)} targets at steps {list(steps)} in {folder}")
         return folder
 
@@ -153,3 +153,5 @@ def check_checkpoint(path: Path, model: LightningModule, datamodule: LightningDa
         raise CheckpointMismatchError(
             f"checkpoint {path} does not match the model configuration: expected its state_dict to have the "
             f"model's parameters, but missing {missing}, unexpected {unexpected}, shape differences {shapes}")
+    if callable(getattr(model, "check_checkpoint", None)):  # module-specific checks (the LDM's VAE identity)
+        model.check_checkpoint(checkpoint, source=f"checkpoint {path}")

@@ -43,6 +43,10 @@ def test_every_config_instantiates(config, tmp_path, monkeypatch):
     args = base + ["--config", str(CONFIGS / config), "--trainer.logger=false"]
     if "cifar" in config:
         args.append(f"--data.root={fake_cifar(tmp_path / 'cifar')}")
+    if "coco" in config:  # COCO shards stand-in: captioned digits in the same shard format
+        from datamodules.shards import write_digits_shards
+        write_digits_shards(tmp_path / "shards", samples_per_shard=16, limit=32)
+        args += [f"--data.path={tmp_path / 'shards'}", "--data.num_workers=0"]
     if config.startswith("score"):
         args += scored_run(tmp_path)
     cli = _instantiate(args)

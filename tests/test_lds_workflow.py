@@ -212,3 +212,21 @@ def test_subprocess_workers_run_the_same_fit_command_side_by_side(chain, tmp_pat
     ckpt = torch.load(records[1]["checkpoint"], weights_only=False)
     mask = np.load(tmp_path / "sub" / "masks" / "mask_001.npy")
     assert ckpt["attribution"]["subset_size"] == int(mask.sum())
+
+
+def test_extra_feature_folders_are_compared_like_trak(chain):
+    """``trak@<name>``: the same stores give exactly trak's rows; a layerwise-projected ensemble is scored too."""
+    tmp = chain["tmp"]
+    run(["featurize", "--config", chain["config"], "--checkpoints", str(tmp / "full" / "checkpoints"), "--out_dir",
+         str(tmp / "features_layerwise"), "--settings.proj_dim=16", "--settings.num_draws=2",
+         "--settings.projector=layerwise", "--settings.batch_size=64"])
+    extra = json.dumps({"same": str(tmp / "features"), "layerwise": str(tmp / "features_layerwise")})
+    run(_args(chain, "lds_report", f"--plan.extra_features={extra}",
+              '--plan.methods=["trak", "trak@same", "trak@layerwise", "pixel"]'))
+    rows = json.loads((chain["root"] / "report" / "lds.json").read_text())
+    by = {(r["method"], r["step"]): r for r in rows}
+    for t in (900, 500):
+        assert by[("trak@same", t)]["lds_mean"] == by[("trak", t)]["lds_mean"]
+        assert math.isfinite(by[("trak@layerwise", t)]["lds_mean"])
+    with pytest.raises(ValueError, match="extra_features"):
+        LDSPlan(methods=["trak@dense"])

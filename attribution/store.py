@@ -63,6 +63,16 @@ def atomic_save_npy(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+def atomic_torch_save(obj, path: Path) -> None:
+    """``torch.save`` through a temp file in the same folder (created if missing) and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        torch.save(obj, f)
+    os.replace(tmp, path)
+
+
 @contextlib.contextmanager
 def _locked(folder: Path) -> Iterator[None]:
     with open(folder / ".lock", "w") as f:

@@ -11,8 +11,6 @@ Files: ``<folder>/target_0000.pt`` ... (``torch.save`` of a plain dict, fast to 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -23,7 +21,7 @@ from torch import Tensor
 from .diffusion import add_noise, x0_hat
 from .sampling import SampleResult
 from .seeding import cpu_generator
-from .store import atomic_write_json
+from .store import atomic_torch_save, atomic_write_json
 
 _REAL_NOISE_STREAM = 31
 
@@ -55,11 +53,7 @@ class Trajectory:
 
     def save(self, path: str | Path) -> None:
         """``torch.save`` through a temp file and ``os.replace``."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        torch.save(asdict(self), tmp)
-        os.replace(tmp, path)
+        atomic_torch_save(asdict(self), path)
 
     @classmethod
     def load(cls, path: str | Path) -> "Trajectory":

@@ -5,7 +5,8 @@
 #   OUT=runs/lds_digits_small FIT_ARGS="--trainer.max_steps=500" NUM_TARGETS=8 PROJ_DIM=512 \
 #   PLAN_ARGS="--plan.num_masks=8 --plan.cf_targets=1 --plan.cf_ks=[180] --plan.cf_methods=[trak,random]" \
 #   bash benchmarks/lds_digits.sh
-# Steps: fit the full model -> featurize its checkpoints -> sample targets -> lds_train -> lds_outputs
+# Steps: fit the full model -> featurize its checkpoints (and the last one with the layerwise and the dense
+#        projector) -> sample targets -> lds_train -> lds_outputs
 #        -> lds_report -> counterfactual. Every step skips finished work. Timings go to $OUT/timings.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,6 +40,13 @@ FINAL=$(ls "$OUT"/full/version_*/checkpoints/step*.ckpt | sort | tail -1)
 timed featurize $PY cli.py featurize --config "$CONFIG" --checkpoints "$(dirname "$FINAL")" --out_dir "$OUT/features" \
   --settings.proj_dim="$PROJ_DIM" --settings.num_draws=10 --settings.batch_size=64 --trainer.logger=false \
   --trainer.default_root_dir="$OUT/full"
+# The last checkpoint again with the layerwise and the dense Gaussian projector (same d and K): methods
+# trak@layerwise and trak@gaussian of the plan, compared with trak_1ckpt (sparse JL, same checkpoint).
+for proj in layerwise gaussian; do
+  timed "featurize_$proj" $PY cli.py featurize --config "$CONFIG" --checkpoints "$FINAL" --out_dir "$OUT/features_$proj" \
+    --settings.proj_dim="$PROJ_DIM" --settings.num_draws=10 --settings.batch_size=64 --settings.projector=$proj \
+    --trainer.logger=false --trainer.default_root_dir="$OUT/full"
+done
 if [ ! -f "$OUT/targets/targets.json" ]; then
   timed sample $PY cli.py sample --config "$CONFIG" --checkpoint "$FINAL" --out_dir "$OUT/targets" \
     --num_targets "$NUM_TARGETS" --record_steps "$RECORD_STEPS" --trainer.logger=false \
@@ -48,7 +56,8 @@ fi
 FIT_PLAN=()
 if [ -n "$FIT_ARGS" ]; then FIT_PLAN=("--plan.fit_args=[$(echo $FIT_ARGS | sed 's/ /,/g')]"); fi
 COMMON=(--config "$CONFIG" --plan "$PLAN" --plan.out_dir="$OUT" --plan.features="$OUT/features"
-        --plan.targets="$OUT/targets" "${FIT_PLAN[@]}" $PLAN_ARGS --trainer.logger=false)
+        --plan.targets="$OUT/targets" "${FIT_PLAN[@]}" $PLAN_ARGS --trainer.logger=false
+        "--plan.extra_features={\"layerwise\": \"$OUT/features_layerwise\", \"gaussian\": \"$OUT/features_gaussian\"}")
 timed lds_train $PY "$CLI" lds_train "${COMMON[@]}"
 timed lds_outputs $PY "$CLI" lds_outputs "${COMMON[@]}"
 timed lds_report $PY "$CLI" lds_report "${COMMON[@]}"

@@ -24,14 +24,13 @@ submodules); the checkpoint records the VAE's hash and both paths, and refuses a
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from diffusers import UNet2DConditionModel
 
+from attribution.store import atomic_torch_save
 from attribution.trajectory import Trajectory, from_samples, real_image_target
 from lightning_modules.checkpoint_meta import CheckpointMismatchError
 from lightning_modules.ddpm import DDPMModule
@@ -141,7 +140,7 @@ class LDMModule(DDPMModule):
         """The (N, c, h, w) latents of every training image: from the cache file, or encoded (and cached)."""
         path = self.latent_cache_file(datamodule)
         if path is not None and not path.exists() and is_writer:
-            _atomic_save({"latents": self._encode_all(datamodule), "vae_hash": self.vae_identity(),
+            atomic_torch_save({"latents": self._encode_all(datamodule), "vae_hash": self.vae_identity(),
                           "dataset_fingerprint": datamodule.fingerprint, "num_examples": datamodule.num_examples}, path)
         barrier()
         if path is None:
@@ -303,11 +302,3 @@ class LDMModule(DDPMModule):
 
 def _pair(size) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else tuple(size)
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    torch.save(obj, tmp)
-    os.replace(tmp, path)

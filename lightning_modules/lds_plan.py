@@ -55,6 +55,7 @@ class LDSPlan:
         extra_features: name -> another folder of the full model's feature stores (e.g. made with another
             projector: ``{"gaussian": "runs/x/features_gaussian"}``); method ``trak@<name>`` is TRAK (Eq. 3)
             on every store of that folder, scored exactly like ``trak``.
+        paired_versus: methods every other method is compared with (paired differences over targets).
         lambdas: candidate ridge values, relative to each kernel's mean eigenvalue.
         lambda_per_step: choose lambda per step (else one for all steps).
         heldout_fraction: share of the targets that choose lambda (never reported).
@@ -96,6 +97,7 @@ class LDSPlan:
     use_ema: bool = True
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     extra_features: dict[str, str] = field(default_factory=dict)
+    paired_versus: list[str] = field(default_factory=lambda: ["pixel"])
     lambdas: list[float] = field(default_factory=lambda: [1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0])
     lambda_per_step: bool = False
     heldout_fraction: float = 0.5

@@ -4,7 +4,7 @@ labelled), paired differences against pixel similarity; CSV/JSON tables, PNG plo
 
 Tables written to ``<out_dir>/report``: ``lds.csv|json`` (the figures to report), ``lambda_sweep.csv|json``
 (held-out and report means per lambda; ``oracle_*`` columns are optimistic, never the method's LDS),
-``paired.csv|json`` (method minus pixel, paired over report targets), ``ceiling.csv|json``.
+``paired.csv|json`` (method minus each of ``plan.paired_versus``, paired over report targets), ``ceiling.csv|json``.
 """
 from __future__ import annotations
 
@@ -54,13 +54,14 @@ def sweep_rows(method: str, choice: LambdaChoice, steps: Sequence[int], per_lamb
 
 def build_report(scores: dict, masks: torch.Tensor, actual: torch.Tensor, replicates: Optional[torch.Tensor],
                  steps: Sequence[int], lambdas: Sequence[float], split_seed: int, heldout_fraction: float,
-                 per_step: bool, seeds_per_mask: int) -> dict:
+                 per_step: bool, seeds_per_mask: int, versus: Sequence[str] = ("pixel",)) -> dict:
     """Every table of the report as rows (see the module docstring), plus the per-method results.
 
     Args:
         scores: method -> ``(N, B, S)`` or, for TRAK, ``(L, N, B, S)``.
         masks: ``(J, N)`` bool; actual: ``(J, B, S)`` seed-averaged outputs (NaN rows = models missing).
         replicates: ``(R, J_rep, B, S)`` replicate outputs for the ceiling, or None.
+        versus: methods every other method is compared with, paired over the report targets.
     """
     trained = torch.isfinite(actual).all(-1).all(-1)
     masks, actual = masks[trained], actual[trained]
@@ -82,13 +83,13 @@ def build_report(scores: dict, masks: torch.Tensor, actual: torch.Tensor, replic
         if isinstance(choice, LambdaChoice):
             per_lambda = lds_per_lambda(scores[method], masks, actual)[:, report]
             tables["lambda_sweep"] += sweep_rows(method, choice, steps, nan_mean_se(per_lambda, 1)[0])
-    if "pixel" in results:
-        base = report_lds(results["pixel"]).per_target
+    for baseline in [b for b in versus if b in results]:
+        base = report_lds(results[baseline]).per_target
         for method, res in results.items():
-            if method == "pixel":
+            if method == baseline:
                 continue
             mean, se = paired_difference(report_lds(res).per_target, base)
-            tables["paired"] += [{"method": method, "versus": "pixel", "step": int(t), "diff_mean": float(mean[s]),
+            tables["paired"] += [{"method": method, "versus": baseline, "step": int(t), "diff_mean": float(mean[s]),
                                   "diff_se": float(se[s]), "n_targets": int(report.numel())}
                                  for s, t in enumerate(steps)]
     if ceiling is not None:

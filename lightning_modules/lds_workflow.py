@@ -119,7 +119,8 @@ class LDSCommands:
         scores = {m: method_scores(m, plan, stores, targets, steps, images, classifier, out / "cache")
                   for m in plan.methods}
         report = build_report(scores, masks, actual, replicate_block(plan, replicates), steps, plan.lambdas,
-                              plan.split_seed, plan.heldout_fraction, plan.lambda_per_step, plan.seeds_per_mask)
+                              plan.split_seed, plan.heldout_fraction, plan.lambda_per_step, plan.seeds_per_mask,
+                              plan.paired_versus)
         write_report(report, steps, out, getattr(self, "logger", None))
         chosen = {m: chosen_scores(scores[m], report["results"][m]) for m in scores}
         torch.save({"scores": chosen, "steps": steps, "target_ids": [t.target_id for t in targets],

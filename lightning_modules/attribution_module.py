@@ -75,7 +75,7 @@ class AttributionModule(LightningModule):
             raise ValueError(f"Expected `lam` > 0 (relative ridge), but got {lam}")
         self.save_hyperparameters()
         self.out_dir = Path(out_dir) if out_dir else Path(targets).parent / "scores"
-        self.stores = _open_stores(features)
+        self.stores = open_feature_stores(features)
         self.targets = load_targets(targets, target_ids)
         self.denoisers = torch.nn.ModuleList()
         self._loaded = False
@@ -167,11 +167,15 @@ def pair_file(out_dir: Path, target_id: int, t: int) -> Path:
     return Path(out_dir) / "pairs" / f"target_{int(target_id):04d}_t{int(t):04d}.pt"
 
 
-def _open_stores(features: str) -> list[FeatureStore]:
+def open_feature_stores(features: str, argument: str = "features") -> list[FeatureStore]:
+    """The complete, finalized stores of one dataset in ``features`` (a store, or a folder of them), in name order.
+
+    ``argument`` is how error messages name the setting that gave the folder (e.g. ``plan.features``).
+    """
     root = Path(features)
     folders = [root] if (root / "meta.json").exists() else sorted(p.parent for p in root.glob("*/meta.json"))
     if not folders:
-        raise FileNotFoundError(f"Expected `features` to be a feature store or a folder of them (each with a "
+        raise FileNotFoundError(f"Expected `{argument}` to be a feature store or a folder of them (each with a "
                                 f"meta.json), but {str(root)!r} holds none; run `cli.py featurize` first")
     stores = [FeatureStore.open(f, json.loads((f / "meta.json").read_text()), create=False) for f in folders]
     for store in stores:

@@ -12,7 +12,6 @@
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -24,25 +23,12 @@ from attribution import (FeatureStore, StepOutput, embedding_cosine_scores, iter
 from attribution.fastpath import featurize_batch_auto
 from attribution.trajectory import Trajectory
 from callbacks.featurizer import projector_from_meta
+from lightning_modules.attribution_module import open_feature_stores
 from lightning_modules.lds_outputs import stacked_x0_hat
 from lightning_modules.lds_plan import TRAK_METHODS, LDSPlan, settings_hash
 from lightning_modules.loading import load_diffusion_module
 
 log = logging.getLogger(__name__)
-
-
-def open_stores(features: str) -> list[FeatureStore]:
-    """The finalized stores in ``features`` (a store, or a folder of them), in name order."""
-    root = Path(features)
-    folders = [root] if (root / "meta.json").exists() else sorted(p.parent for p in root.glob("*/meta.json"))
-    if not folders:
-        raise FileNotFoundError(f"Expected `plan.features` to be a feature store or a folder of them, but "
-                                f"{str(root)!r} holds none; run `cli.py featurize` on the full model first")
-    stores = [FeatureStore.open(f, json.loads((f / "meta.json").read_text()), create=False) for f in folders]
-    for store in stores:
-        if not (store.path / "kernel.json").exists():
-            raise ValueError(f"Expected finalized feature stores, but {store.path} is not; rerun `cli.py featurize`")
-    return stores
 
 
 def recorded_x_t(targets: Sequence[Trajectory], steps: Sequence[int]) -> torch.Tensor:
@@ -111,7 +97,8 @@ def method_scores(method: str, plan: LDSPlan, stores, targets: Sequence[Trajecto
     """``(L, N, B, S)`` for a TRAK method (L = len(plan.lambdas)), ``(N, B, S)`` for a baseline."""
     B, S = len(targets), len(steps)
     if method.startswith("trak@"):
-        extra = open_stores(plan.extra_features[method.split("@", 1)[1]])
+        name = method.split("@", 1)[1]
+        extra = open_feature_stores(plan.extra_features[name], f"plan.extra_features.{name}")
         return trak_scores(extra, cached_gradients(plan, extra, targets, steps, "loss", cache_dir), plan.lambdas, B, S)
     if method in TRAK_METHODS:
         kind, last = TRAK_METHODS[method]

@@ -27,7 +27,8 @@ from attribution.store import atomic_write_json
 from attribution.trajectory import load_targets
 from attribution.lds import write_table
 from lightning_modules import lds_counterfactual as cf
-from lightning_modules.lds_methods import dataset_arrays, dataset_classifier, method_scores, open_stores
+from lightning_modules.attribution_module import open_feature_stores
+from lightning_modules.lds_methods import dataset_arrays, dataset_classifier, method_scores
 from lightning_modules.lds_outputs import averaged_outputs, collect_outputs, replicate_block, step_index
 from lightning_modules.lds_plan import LDSPlan
 from lightning_modules.lds_report import build_report, chosen_scores, masks_matrix, write_report
@@ -115,7 +116,7 @@ class LDSCommands:
         masks = masks_matrix([plan.mask_dir() / f"mask_{j:03d}.npy" for j in range(plan.num_masks)])
         images, _ = dataset_arrays(datamodule)
         classifier = dataset_classifier(datamodule, plan, out / "cache")
-        stores = open_stores(plan.features)
+        stores = open_feature_stores(plan.features, "plan.features")
         scores = {m: method_scores(m, plan, stores, targets, steps, images, classifier, out / "cache")
                   for m in plan.methods}
         report = build_report(scores, masks, actual, replicate_block(plan, replicates), steps, plan.lambdas,

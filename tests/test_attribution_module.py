@@ -13,7 +13,7 @@ from callbacks import TrakFeaturizeCallback
 from callbacks.featurizer import projector_from_meta
 from helpers import fit_trainer, small_data, tiny_module
 from lightning_modules import AttributionModule
-from lightning_modules.attribution_module import _open_stores
+from lightning_modules.attribution_module import open_feature_stores
 from lightning_modules.loading import load_diffusion_module
 
 SCORE = dict(num_draws=4, lam=0.5, topk=3, pair_batch_size=3)
@@ -50,7 +50,7 @@ def scores_of(root, out, target):
 def reference_scores(root, target, step_index, mask=None):
     """The core API by hand: x0_hat from x_t per checkpoint, Eq. 3 gradient, dense float64 TRAK, mean."""
     traj = load_targets(root / "targets", [target])[0]
-    stores = _open_stores(str(root / "fit" / "features"))
+    stores = open_feature_stores(str(root / "fit" / "features"))
     per_store = []
     for store in stores:
         module = load_diffusion_module(store.meta["checkpoint"]["file"])

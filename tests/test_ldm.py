@@ -19,7 +19,7 @@ from conftest import CONFIGS
 from datamodules import DigitsDataModule
 from helpers import fit_trainer, small_data
 from lightning_modules import AttributionModule, LDMModule, VAEModule
-from lightning_modules.attribution_module import _open_stores
+from lightning_modules.attribution_module import open_feature_stores
 from lightning_modules.checkpoint_meta import CheckpointMismatchError
 from lightning_modules.loading import load_diffusion_module
 from lightning_modules.text_encoder import FrozenTextEncoder
@@ -140,7 +140,7 @@ def test_latents_are_cached_once_per_vae_and_equal_fresh_encodings(chain):
 # ------------------------------------------------------------------------------------------- chain
 def test_featurized_rows_equal_the_core_api_with_the_caption(chain):
     root, dm, _, _ = chain
-    stores = _open_stores(str(root / "fit" / "features"))
+    stores = open_feature_stores(str(root / "fit" / "features"))
     assert len(stores) == 2 and all(s.is_complete for s in stores)
     store = stores[-1]
     module = load_diffusion_module(store.meta["checkpoint"]["file"])
@@ -184,7 +184,7 @@ def test_scores_equal_the_core_api_with_the_prompt_and_pictures_are_written(chai
     assert result["scores"].shape == (60, 3)
     traj = load_targets(root / "targets", [0])[0]
     per_store = []
-    for store in _open_stores(str(root / "fit" / "features")):
+    for store in open_feature_stores(str(root / "fit" / "features")):
         ldm = load_diffusion_module(store.meta["checkpoint"]["file"])
         task, net = ldm.attribution_task(), ldm.attribution_denoiser()
         x_t, t, cond = traj.x_t[1:2], traj.timesteps[1:2], traj.cond.unsqueeze(0)
@@ -253,5 +253,5 @@ def test_ldm_trains_and_featurizes_on_webdataset_shards(tmp_path):
                        sample_inference_steps=2)
     fit_trainer(tmp_path / "fit", [TrakFeaturizeCallback(proj_dim=8, num_draws=1, batch_size=16)],
                 max_steps=2, every=2).fit(module, datamodule=dm)
-    store = _open_stores(str(tmp_path / "fit" / "features"))[0]
+    store = open_feature_stores(str(tmp_path / "fit" / "features"))[0]
     assert store.is_complete and store.meta["N"] == 40 and isinstance(store, FeatureStore)

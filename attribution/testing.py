@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["tiny_unet", "tiny_cond_unet", "digits_unet", "cifar_unet", "CIFAR_UNET_PARAMS"]
+__all__ = ["tiny_unet", "tiny_cond_unet", "digits_unet", "cifar_unet", "CIFAR_UNET_PARAMS", "random_inputs"]
 
 CIFAR_UNET_PARAMS = 35_746_307
 
@@ -63,3 +63,11 @@ def cifar_unet(seed: int = 0):
                        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
                        norm_eps=1e-6, freq_shift=1, flip_sin_to_cos=False, downsample_padding=0,
                        attention_head_dim=None).eval()
+
+
+def random_inputs(batch: int, cond_dim=None, seed: int = 0, dtype=torch.float64):
+    """Seeded ``x0 (B, 1, 8, 8)`` for the tiny models, and ``cond (B, 5, cond_dim)`` or None."""
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(batch, 1, 8, 8, generator=g, dtype=dtype)
+    cond = None if cond_dim is None else torch.randn(batch, 5, cond_dim, generator=g, dtype=dtype)
+    return x0, cond

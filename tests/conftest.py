@@ -20,6 +20,15 @@ def _deterministic_threads():
     yield
 
 
+@pytest.fixture(scope="module")
+def task():
+    """The DDPM task (linear betas, T = 1000) the core tests differentiate through."""
+    from diffusers import DDPMScheduler
+
+    from attribution import DiffusionTask
+    return DiffusionTask.from_scheduler(DDPMScheduler(num_train_timesteps=1000))
+
+
 @pytest.fixture
 def repo_root() -> Path:
     return ROOT

@@ -1,27 +1,14 @@
 """vmap per-example gradients equal a loop of backward passes; subsets skip excluded work."""
 import pytest
 import torch
-from diffusers import DDPMScheduler
 from torch.utils.flop_counter import FlopCounterMode
 
-from attribution import (DiffusionTask, SparseProjector, StepOutput, TrainLoss, featurize_batch, loop_gradients,
+from attribution import (SparseProjector, StepOutput, TrainLoss, featurize_batch, loop_gradients,
                          num_parameters, parameter_order, per_example_gradients, split_parameters)
-from attribution.testing import tiny_cond_unet, tiny_unet
+from attribution.testing import random_inputs, tiny_cond_unet, tiny_unet
 
 
 F64 = torch.float64
-
-
-@pytest.fixture(scope="module")
-def task():
-    return DiffusionTask.from_scheduler(DDPMScheduler(num_train_timesteps=1000))
-
-
-def _inputs(B, cond_dim=None, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x0 = torch.randn(B, 1, 8, 8, generator=g, dtype=F64)
-    cond = None if cond_dim is None else torch.randn(B, 5, cond_dim, generator=g, dtype=F64)
-    return x0, cond
 
 
 SUBSET = ["conv_in.weight", "down_blocks.1.attentions.0.to_q.weight", "up_blocks.1.resnets.0.conv2.bias",
@@ -31,7 +18,7 @@ SUBSET = ["conv_in.weight", "down_blocks.1.attentions.0.to_q.weight", "up_blocks
 @pytest.mark.parametrize("param_names", [None, SUBSET])
 def test_vmap_equals_loop_unet2d(task, param_names):
     model = tiny_unet(dtype=F64)
-    x0, _ = _inputs(5)
+    x0, _ = random_inputs(5)
     out = TrainLoss(num_draws=3, seed=1)
     draws = out.draws(torch.arange(5), x0.shape[1:], num_train_timesteps=1000, dtype=F64)
     fast = per_example_gradients(task, model, out, x0, draws, param_names=param_names, chunk_size=2, out_dtype=F64)
@@ -44,7 +31,7 @@ def test_vmap_equals_loop_unet2d(task, param_names):
 @pytest.mark.parametrize("param_names", [None, ["down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight", "conv_out.bias"]])
 def test_vmap_equals_loop_condition_unet_with_cond(task, param_names):
     model = tiny_cond_unet(dtype=F64)
-    x0, cond = _inputs(4, cond_dim=6)
+    x0, cond = random_inputs(4, cond_dim=6)
     out = StepOutput(num_draws=2, seed=3)
     draws = out.draws(torch.arange(4), x0.shape[1:], torch.tensor([10, 300, 600, 999]), dtype=F64)
     fast = per_example_gradients(task, model, out, x0, draws, cond, param_names=param_names, out_dtype=F64)
@@ -57,7 +44,7 @@ def test_vmap_equals_loop_condition_unet_with_cond(task, param_names):
 
 def test_chunk_size_does_not_change_gradients(task):
     model = tiny_unet(dtype=F64)
-    x0, _ = _inputs(5)
+    x0, _ = random_inputs(5)
     out = TrainLoss(num_draws=2, seed=1)
     draws = out.draws(torch.arange(5), x0.shape[1:], num_train_timesteps=1000, dtype=F64)
     a = per_example_gradients(task, model, out, x0, draws, chunk_size=1, out_dtype=F64)
@@ -80,7 +67,7 @@ def test_parameter_subset_order_and_frozen_split():
 def test_subset_skips_excluded_gradient_work(task):
     """Only conv_out selected: backward stops at conv_out, so FLOPs ~ forward FLOPs."""
     model = tiny_unet()
-    x0, _ = _inputs(4)
+    x0, _ = random_inputs(4)
     x0 = x0.float()
     out = TrainLoss(num_draws=2, seed=1)
     draws = out.draws(torch.arange(4), x0.shape[1:], num_train_timesteps=1000)
@@ -98,7 +85,7 @@ def test_subset_skips_excluded_gradient_work(task):
 
 def test_eval_mode_required(task):
     model = tiny_unet().train()
-    x0, _ = _inputs(2)
+    x0, _ = random_inputs(2)
     out = TrainLoss(num_draws=1, seed=0)
     draws = out.draws(torch.arange(2), x0.shape[1:], num_train_timesteps=1000)
     with pytest.raises(ValueError, match="eval mode"):
@@ -107,7 +94,7 @@ def test_eval_mode_required(task):
 
 def test_featurize_batch_is_deterministic_and_batch_independent(task):
     model = tiny_unet()
-    x0, _ = _inputs(6)
+    x0, _ = random_inputs(6)
     x0 = x0.float()
     out = TrainLoss(num_draws=2, seed=5)
     proj = SparseProjector(num_parameters(model), 64, seed=11)

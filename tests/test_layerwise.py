@@ -4,28 +4,15 @@ import math
 
 import pytest
 import torch
-from diffusers import DDPMScheduler
 
-from attribution import DiffusionTask, StepOutput, TrainLoss, featurize_batch, loop_gradients, per_example_gradients
+from attribution import StepOutput, TrainLoss, featurize_batch, loop_gradients, per_example_gradients
 from attribution.fastpath import CPU_VMAP_MAX_PARAMS, choose_gradient_path, featurize_batch_auto
 from attribution.layerwise import LayerwiseProjector, _rows_loss, featurize_batch_layerwise, layer_groups
 from attribution.sparse_fast import HashedSparseProjector
 from attribution.task import math_attention
-from attribution.testing import tiny_cond_unet, tiny_unet
+from attribution.testing import random_inputs, tiny_cond_unet, tiny_unet
 
 F64 = torch.float64
-
-
-@pytest.fixture(scope="module")
-def task():
-    return DiffusionTask.from_scheduler(DDPMScheduler(num_train_timesteps=1000))
-
-
-def _inputs(B, cond_dim=None, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x0 = torch.randn(B, 1, 8, 8, generator=g, dtype=F64)
-    cond = None if cond_dim is None else torch.randn(B, 5, cond_dim, generator=g, dtype=F64)
-    return x0, cond
 
 
 def _reference(task, model, out, proj, x0, keys, cond=None, steps=None):
@@ -37,7 +24,7 @@ def _reference(task, model, out, proj, x0, keys, cond=None, steps=None):
 @pytest.mark.parametrize("inner_d", [None, 2000])
 def test_layerwise_equals_projected_loop_gradients_unet2d(task, inner_d):
     model = tiny_unet(dtype=F64)
-    x0, _ = _inputs(3)
+    x0, _ = random_inputs(3)
     out, keys = TrainLoss(num_draws=3, seed=1), torch.tensor([4, 7, 9])
     proj = LayerwiseProjector(model, d=500, seed=3, inner_d=inner_d)
     ref = _reference(task, model, out, proj, x0, keys)
@@ -52,7 +39,7 @@ def test_layerwise_equals_projected_loop_gradients_unet2d(task, inner_d):
 
 def test_layerwise_equals_vmap_gradients_cond_unet_cross_attention(task):
     model = tiny_cond_unet(dtype=F64)
-    x0, cond = _inputs(3, cond_dim=6)
+    x0, cond = random_inputs(3, cond_dim=6)
     out, keys, steps = StepOutput(num_draws=2, seed=2), torch.tensor([0, 5, 6]), torch.tensor([10, 500, 990])
     proj = LayerwiseProjector(model, rank=(3, 4), seed=1)
     draws = out.draws(keys, x0.shape[1:], steps, num_train_timesteps=1000, dtype=F64)
@@ -86,7 +73,7 @@ def test_weight_block_is_the_kronecker_projection():
 
 def test_full_rank_is_exact_and_random_ranks_preserve_inner_products_in_expectation(task):
     model = tiny_unet(dtype=F64)
-    x0, _ = _inputs(3)
+    x0, _ = random_inputs(3)
     out = TrainLoss(num_draws=2, seed=0)
     groups, _ = layer_groups(model)
     full = {g.module: (g.out_dim, max(g.in_dim, 0)) for g in groups}
@@ -108,7 +95,7 @@ def test_full_rank_is_exact_and_random_ranks_preserve_inner_products_in_expectat
 
 def test_batch_composition_chunking_and_flags(task):
     model = tiny_unet()
-    x0, _ = _inputs(4)
+    x0, _ = random_inputs(4)
     x0 = x0.float()
     out = TrainLoss(num_draws=2, seed=5)
     proj = LayerwiseProjector(model, d=300, seed=1)
@@ -125,7 +112,7 @@ def test_batch_composition_chunking_and_flags(task):
 
 def test_rows_loss_matches_per_example_with_mask_and_square(task):
     model = tiny_unet(dtype=F64)
-    x0, _ = _inputs(3)
+    x0, _ = random_inputs(3)
     mask = torch.zeros(1, 8, 8, dtype=F64)
     mask[:, 2:6, 1:5] = 1
     for out in (TrainLoss(num_draws=3, seed=1, mask=mask), StepOutput(num_draws=2, seed=1, kind="square")):
@@ -150,7 +137,7 @@ def test_describe_roundtrip_seeding_and_errors(task):
         LayerwiseProjector(model, d=10, seed=0, inner_d=None)
     with pytest.raises(ValueError, match="exactly one"):
         LayerwiseProjector(model, d=100, rank=(2, 2))
-    x0, _ = _inputs(2)
+    x0, _ = random_inputs(2)
     with pytest.raises(ValueError, match="eval mode"):
         featurize_batch_layerwise(task, model.train(), TrainLoss(1), proj, x0.float(), torch.arange(2))
     model.eval()
@@ -194,7 +181,7 @@ def test_gradient_path_choice_and_auto_featurize(task):
     calls = []
     assert choose_gradient_path(model, (1, 8, 8), probe=lambda path: calls.append(path)) in ("vmap", "loop")
     assert calls.count("vmap") == calls.count("loop") == 2
-    x0 = _inputs(3)[0].float()
+    x0 = random_inputs(3)[0].float()
     out = TrainLoss(num_draws=2, seed=0)
     proj = HashedSparseProjector(sum(p.numel() for p in model.parameters()), 32, seed=0)
     ref = featurize_batch(task, model, out, proj, x0, torch.arange(3))

@@ -119,7 +119,7 @@ class DDPMModule(LightningModule):
     # ----------------------------------------------------------------- sampling
     def sample(self, seeds, num_inference_steps: Optional[int] = None, **kwargs):
         """Seeded samples (see ``attribution.sampling.ddpm_sample``); images in [-1, 1]."""
-        shape = (self.unet.config.in_channels, *_pair(self.unet.config.sample_size))
+        shape = self.sample_shape()
         was_training = self.training
         self.eval()
         try:
@@ -127,6 +127,10 @@ class DDPMModule(LightningModule):
                                num_inference_steps=num_inference_steps, device=self.device, **kwargs)
         finally:
             self.train(was_training)
+
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of what the denoiser works on (pixels for the DDPM, latents for the LDM)."""
+        return (self.unet.config.in_channels, *_pair(self.unet.config.sample_size))
 
     def sample_images(self, seeds, num_inference_steps: Optional[int] = None) -> torch.Tensor:
         """Pictures (B, C, H, W) in [-1, 1] of seeded samples (the sample grid)."""

@@ -30,6 +30,7 @@ from typing import Any, Optional
 import torch
 from diffusers import UNet2DConditionModel
 
+from attribution.sampling import ddpm_sample
 from attribution.store import atomic_torch_save
 from attribution.trajectory import Trajectory, from_samples, real_image_target
 from lightning_modules.checkpoint_meta import CheckpointMismatchError
@@ -150,7 +151,7 @@ class LDMModule(DDPMModule):
             if (saved["vae_hash"], saved["dataset_fingerprint"]) != (self.vae_identity(), datamodule.fingerprint):
                 raise ValueError(f"latent cache {path} belongs to another VAE or dataset; delete it")
             latents = saved["latents"]
-        shape = (self.unet.config.in_channels, *_pair(self.unet.config.sample_size))
+        shape = self.sample_shape()
         if tuple(latents.shape[1:]) != shape:
             raise ValueError(f"Expected the VAE's latents to match the UNet (in_channels, sample_size) = {shape}, "
                              f"but `vae` {self.hparams.vae!r} gives latents of shape {tuple(latents.shape[1:])}")
@@ -212,13 +213,11 @@ class LDMModule(DDPMModule):
     def sample(self, seeds, num_inference_steps: Optional[int] = None, prompts=None,
                guidance_scale: Optional[float] = None, **kwargs):
         """Seeded latent samples for ``prompts`` (one per seed), with guidance; see ``ddpm_sample``."""
-        from attribution.sampling import ddpm_sample
-
         if not prompts or len(prompts) != len(seeds):
             raise ValueError(f"Expected one prompt per seed ({len(seeds)}) for the text-conditional LDM, but got "
                              f"{0 if not prompts else len(prompts)}; pass `prompts`")
         w = self.hparams.guidance_scale if guidance_scale is None else guidance_scale
-        shape = (self.unet.config.in_channels, *_pair(self.unet.config.sample_size))
+        shape = self.sample_shape()
         was_training = self.training
         self.eval()
         try:
@@ -298,7 +297,3 @@ class LDMModule(DDPMModule):
             raise CheckpointMismatchError(
                 f"{source} was trained with another VAE: expected VAE hash {recorded} (recorded in the "
                 f"checkpoint), but `vae` {self.hparams.vae!r} has hash {self.vae_identity()}")
-
-
-def _pair(size) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else tuple(size)

@@ -2,7 +2,7 @@
 
 LightningCLI builds the model, the datamodule and the trainer from YAML (``class_path``/``init_args``)
 and the command line (``--data.subset_mask=masks/mask_000.npy``). The project's own subcommands are
-methods of ``AttributionTrainer`` (``trainer.py``); their signatures are their arguments.
+methods of ``AttributionTrainer`` (``commands/trainer.py``); their signatures are their arguments.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from lightning.pytorch import LightningDataModule, LightningModule  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 from attribution.masks import SubsetMaskError  # noqa: E402
-from lightning_modules.checkpoint_meta import CheckpointMismatchError  # noqa: E402
-from lightning_modules.trainer import PROJECT_SUBCOMMANDS, AttributionTrainer  # noqa: E402
+from attribution.identity import CheckpointMismatchError  # noqa: E402
+from commands.trainer import PROJECT_SUBCOMMANDS, AttributionTrainer  # noqa: E402
 
 USER_ERRORS = (SubsetMaskError, CheckpointMismatchError, FileNotFoundError)
 

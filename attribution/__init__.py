@@ -9,11 +9,12 @@ Pipeline: :class:`DiffusionTask` (how to call the denoiser) -> :class:`TrainLoss
 This package never imports lightning (a test checks it).
 """
 from .diffusion import add_noise, alphas_cumprod_from, schedule_coefficients, x0_hat
-from .gradients import (featurize_batch, loop_gradients, num_parameters, parameter_order, per_example_gradients,
+from .fastpath import featurize_batch
+from .gradients import (loop_gradients, num_parameters, parameter_order, per_example_gradients,
                         split_parameters)
 from .outputs import Draws, ModelOutput, StepOutput, TrainLoss, make_output
 from .projectors import DenseProjector, IdentityProjector, Projector, SparseProjector, make_projector
-from .scoring import (Kernel, TopK, dense_scores_float64, finalize, iter_score_blocks, lambda_sweep, load_kernel,
+from .scoring import (KernelEigen, TopK, dense_scores_float64, finalize, iter_score_blocks, lambda_sweep, load_kernel,
                       relative_lambda, score, topk_scores)
 from .seeding import checkpoint_seed, cpu_generator, mix_seed
 from .store import FeatureStore, StoreMismatchError
@@ -25,7 +26,7 @@ __all__ = [
     "split_parameters",
     "Draws", "ModelOutput", "StepOutput", "TrainLoss", "make_output",
     "DenseProjector", "IdentityProjector", "Projector", "SparseProjector", "make_projector",
-    "Kernel", "TopK", "dense_scores_float64", "finalize", "iter_score_blocks", "lambda_sweep", "load_kernel",
+    "KernelEigen", "TopK", "dense_scores_float64", "finalize", "iter_score_blocks", "lambda_sweep", "load_kernel",
     "relative_lambda",
     "score", "topk_scores",
     "checkpoint_seed", "cpu_generator", "mix_seed",
@@ -36,24 +37,23 @@ __all__ = [
 # Counterfactual evaluation: LDS statistics and baselines (figures: `attribution.plots`, lazy matplotlib).
 # `lds` itself is exported as `linear_datamodeling_score` so that `attribution.lds` stays the module.
 from .baselines import (SmallConvClassifier, class_fraction, classifier_features, embedding_cosine_scores,
-                        fid_from_features, pixel_cosine_scores, random_scores, topk_indices, torchmetrics_fid,
-                        train_classifier)
+                        fid_from_features, pixel_cosine_scores, random_scores, topk_indices, train_classifier)
 from .lds import (LambdaChoice, LDSResult, SeedNoiseCeiling, choose_lambda_heldout, lds_per_lambda, lds_table,
                   linear_datamodeling_score, paired_difference, predicted_outputs, seed_noise_ceiling,
                   spearman_columns, split_targets, write_table)
 
 __all__ += [
     "SmallConvClassifier", "class_fraction", "classifier_features", "embedding_cosine_scores", "fid_from_features",
-    "pixel_cosine_scores", "random_scores", "topk_indices", "torchmetrics_fid", "train_classifier",
+    "pixel_cosine_scores", "random_scores", "topk_indices", "train_classifier",
     "LambdaChoice", "LDSResult", "SeedNoiseCeiling", "choose_lambda_heldout", "lds_per_lambda", "lds_table",
     "linear_datamodeling_score", "paired_difference", "predicted_outputs", "seed_noise_ceiling",
     "spearman_columns", "split_targets", "write_table",
 ]
 
 # Fast featurizing paths (issue 8): per-layer Kronecker projector, hashed blocked sparse JL, vmap/loop choice.
-from .fastpath import CPU_VMAP_MAX_PARAMS, choose_gradient_path, featurize_batch_auto  # noqa: E402
+from .fastpath import CPU_VMAP_MAX_PARAMS, choose_gradient_path  # noqa: E402
 from .layerwise import LayerwiseProjector, featurize_batch_layerwise  # noqa: E402
 from .sparse_fast import HashedSparseProjector  # noqa: E402
 
-__all__ += ["CPU_VMAP_MAX_PARAMS", "choose_gradient_path", "featurize_batch_auto", "LayerwiseProjector",
+__all__ += ["CPU_VMAP_MAX_PARAMS", "choose_gradient_path", "LayerwiseProjector",
             "featurize_batch_layerwise", "HashedSparseProjector"]

@@ -10,8 +10,8 @@ target, so the same :func:`attribution.lds.lds` and top-k code applies to them.
 * :func:`random_scores`: the random baseline.
 
 For FID and feature formation: :class:`SmallConvClassifier` / :func:`train_classifier` (plain torch,
-deterministic), :func:`fid_from_features` (Frechet distance, ``scipy.linalg.sqrtm``),
-:func:`torchmetrics_fid` (the same through torchmetrics with the classifier as feature extractor),
+deterministic), :func:`fid_from_features` (the project's one FID: Frechet distance with ``scipy.linalg.sqrtm``, tested
+against torchmetrics' ``FrechetInceptionDistance`` with the classifier as its feature extractor),
 :func:`class_fraction`.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from . import _checks
 
 __all__ = ["pixel_cosine_scores", "embedding_cosine_scores", "random_scores", "topk_indices",
            "SmallConvClassifier", "train_classifier", "classifier_features", "fid_from_features",
-           "torchmetrics_fid", "class_fraction"]
+           "class_fraction"]
 
 log = logging.getLogger(__name__)
 Images = Union[Tensor, np.ndarray]
@@ -254,31 +254,3 @@ def fid_from_features(feats_a, feats_b, eps: float = 1e-6) -> float:
     covmean = covmean.real
     diff = mu_a - mu_b
     return float(diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean))
-
-
-class _EmbedFeatures(nn.Module):
-    """``classifier.embed`` as a module with ``num_features`` (torchmetrics' custom-feature contract)."""
-
-    def __init__(self, classifier: SmallConvClassifier) -> None:
-        super().__init__()
-        self.classifier = classifier.eval()
-        self.num_features = classifier.num_features
-
-    def forward(self, x: Tensor) -> Tensor:
-        with torch.no_grad():
-            return self.classifier.embed(x)
-
-    def train(self, mode: bool = True) -> "_EmbedFeatures":
-        return super().train(False)   # never leaves eval mode
-
-
-def torchmetrics_fid(classifier: SmallConvClassifier):
-    """A torchmetrics ``FrechetInceptionDistance`` using ``classifier.embed`` as its feature extractor.
-
-    Works offline (no Inception weights, no torch-fidelity). Feed float images in the classifier's
-    input range with ``update(images, real=True/False)``; ``compute()`` agrees with
-    :func:`fid_from_features` on the same features (tested).
-    """
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
-    return FrechetInceptionDistance(feature=_EmbedFeatures(classifier), normalize=True)

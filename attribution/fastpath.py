@@ -26,7 +26,7 @@ from torch import Tensor
 from . import _checks
 from .gradients import loop_gradients, num_parameters, per_example_gradients
 
-__all__ = ["CPU_VMAP_MAX_PARAMS", "choose_gradient_path", "featurize_batch_auto"]
+__all__ = ["CPU_VMAP_MAX_PARAMS", "choose_gradient_path", "featurize_batch"]
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +63,22 @@ def choose_gradient_path(model: torch.nn.Module, sample_shape: Sequence[int], de
     return choice
 
 
-def featurize_batch_auto(task, model: torch.nn.Module, output_fn, projector, x0: Tensor, keys: Tensor,
-                         cond: Optional[Tensor] = None, steps: Optional[Tensor] = None,
-                         param_names: Optional[Sequence[str]] = None, chunk_size: Optional[int] = None,
-                         gradient_path: str = "auto") -> Tensor:
-    """:func:`~attribution.gradients.featurize_batch` with the fastest path for ``projector``.
+def featurize_batch(task, model: torch.nn.Module, output_fn, projector, x0: Tensor, keys: Tensor,
+                    cond: Optional[Tensor] = None, steps: Optional[Tensor] = None,
+                    param_names: Optional[Sequence[str]] = None, chunk_size: Optional[int] = None,
+                    gradient_path: str = "auto") -> Tensor:
+    """Draws -> per-example gradients -> projection, for the training or the target side: the one
+    featurize entry point, on the fastest path for ``projector``.
 
-    ``gradient_path`` in ``"auto"``, ``"vmap"``, ``"loop"`` (ignored for a layerwise projector,
-    which defines its own parameters: ``param_names`` must then be None).
+    Training side: ``x0`` = training samples, ``keys`` = global indices, ``output_fn`` = TrainLoss.
+    Target side: ``x0`` = ``x0_hat_t`` (detached), ``keys`` = target ids, ``steps`` = t,
+    ``output_fn`` = StepOutput.
+
+    Args:
+        x0: ``(B, *sample_shape)``; keys: ``(B,)``; cond: ``None`` or ``(B, L, D)``; steps: ``(B,)``.
+        projector: a :class:`~attribution.projectors.Projector` with ``p`` = number of selected params
+            (a layerwise projector defines its own parameters: ``param_names`` must then be None).
+        gradient_path: ``"auto"`` (:func:`choose_gradient_path`), ``"vmap"`` or ``"loop"``.
 
     Returns:
         ``(B, d)`` float32 features, identical (up to float rounding) whatever the path.

@@ -22,8 +22,7 @@ from . import _checks
 from .outputs import Draws, ModelOutput
 from .task import DiffusionTask, math_attention
 
-__all__ = ["parameter_order", "split_parameters", "per_example_gradients", "loop_gradients",
-           "featurize_batch", "num_parameters"]
+__all__ = ["parameter_order", "split_parameters", "per_example_gradients", "loop_gradients", "num_parameters"]
 
 log = logging.getLogger(__name__)
 
@@ -150,30 +149,3 @@ def loop_gradients(task: DiffusionTask, model: torch.nn.Module, output_fn: Model
             p.requires_grad_(flags[n])
         stack.close()
     return torch.stack(rows)
-
-
-def featurize_batch(task: DiffusionTask, model: torch.nn.Module, output_fn: ModelOutput, projector, x0: Tensor,
-                    keys: Tensor, cond: Optional[Tensor] = None, steps: Optional[Tensor] = None,
-                    param_names: Optional[Sequence[str]] = None, chunk_size: Optional[int] = None) -> Tensor:
-    """Draws -> per-example gradients -> projection, for the training or the target side.
-
-    Training side: ``x0`` = training samples, ``keys`` = global indices, ``output_fn`` = TrainLoss.
-    Target side: ``x0`` = ``x0_hat_t`` (detached), ``keys`` = target ids, ``steps`` = t,
-    ``output_fn`` = StepOutput.
-
-    Args:
-        x0: ``(B, *sample_shape)``; keys: ``(B,)``; cond: ``None`` or ``(B, L, D)``; steps: ``(B,)``.
-        projector: a :class:`~attribution.projectors.Projector` with ``p`` = number of selected params.
-
-    Returns:
-        ``(B, d)`` float32 projected gradients.
-    """
-    keys = _checks.long_vector("keys", keys, x0.shape[0])
-    p = num_parameters(model, param_names)
-    if projector.p != p:
-        raise ValueError(f"Expected `projector.p` to equal the number of differentiated parameters {p}, "
-                         f"but got {projector.p}")
-    draws = output_fn.draws(keys, x0.shape[1:], steps, num_train_timesteps=task.num_train_timesteps,
-                            device=x0.device, dtype=x0.dtype)
-    grads = per_example_gradients(task, model, output_fn, x0.detach(), draws, cond, param_names, chunk_size)
-    return projector.project(grads).float()

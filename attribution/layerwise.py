@@ -474,7 +474,7 @@ def _rows_loss(task, model, output_fn, x0: Tensor, draws, cond: Optional[Tensor]
 def featurize_batch_layerwise(task, model: torch.nn.Module, output_fn, projector: LayerwiseProjector, x0: Tensor,
                               keys: Tensor, cond: Optional[Tensor] = None, steps: Optional[Tensor] = None,
                               chunk_size: Optional[int] = None, out_dtype: torch.dtype = torch.float32) -> Tensor:
-    """Same contract as :func:`~attribution.gradients.featurize_batch`, with a :class:`LayerwiseProjector`.
+    """Same contract as :func:`~attribution.fastpath.featurize_batch`, with a :class:`LayerwiseProjector`.
 
     Args:
         x0: ``(B, *sample_shape)``; keys: ``(B,)``; cond: ``None`` or ``(B, L, D)``; steps: ``(B,)``.

@@ -22,8 +22,6 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence, Union
@@ -32,6 +30,7 @@ import torch
 from torch import Tensor
 
 from . import _checks
+from .atomic import atomic_write_text
 
 __all__ = ["LDSResult", "SeedNoiseCeiling", "LambdaChoice", "rank_average", "spearman_columns",
            "predicted_outputs", "lds", "linear_datamodeling_score", "lds_per_lambda", "nan_mean_se", "seed_noise_ceiling",
@@ -418,21 +417,6 @@ def lds_table(results: Mapping[str, Union[LDSResult, LambdaChoice]], steps: Sequ
     return rows
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _finite_or_none(v):
     return None if isinstance(v, float) and not math.isfinite(v) else v
 
@@ -451,5 +435,5 @@ def write_table(rows: Sequence[Mapping], path_csv, path_json) -> None:
     writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in clean)
-    _atomic_write_text(Path(path_csv), buf.getvalue())
-    _atomic_write_text(Path(path_json), json.dumps(clean, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(Path(path_csv), buf.getvalue())
+    atomic_write_text(Path(path_json), json.dumps(clean, indent=2, allow_nan=False) + "\n")

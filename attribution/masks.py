@@ -29,6 +29,8 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
+from .atomic import atomic_save_npy, atomic_write_text
+
 __all__ = [
     "SubsetMaskError",
     "load_subset_mask",
@@ -237,7 +239,7 @@ def _write_if_changed(path: Path, mask: np.ndarray) -> None:
             f"write_random_masks: '{path}' exists and holds a different mask; "
             "use another out_dir (or delete it) instead of mixing seeds/sizes"
         )
-    np.save(path, mask)
+    atomic_save_npy(path, mask)
 
 
 def write_random_masks(
@@ -278,7 +280,7 @@ def write_random_masks(
     text = json.dumps(manifest, indent=2) + "\n"
     manifest_path = out / "masks.json"
     if not manifest_path.exists() or manifest_path.read_text() != text:
-        manifest_path.write_text(text)
+        atomic_write_text(manifest_path, text)
     return paths
 
 

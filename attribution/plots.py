@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .atomic import atomic_write
+
 __all__ = ["Plot", "plot_lds_vs_step", "plot_counterfactual_bars", "plot_feature_formation", "plot_lambda_sweep"]
 
 PathLike = Union[str, Path]
@@ -41,9 +43,8 @@ def _figure(figsize=(6.0, 4.0)):
 
 def _finish(fig, path: PathLike) -> Plot:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, format="png")
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
     fig.canvas.draw()
     rgba = np.asarray(fig.canvas.buffer_rgba())
     image = torch.from_numpy(rgba[..., :3].copy()).permute(2, 0, 1).contiguous()

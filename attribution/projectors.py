@@ -132,20 +132,21 @@ class SparseProjector(Projector):
         self._cache: dict = {}
 
     def tile(self, index: int) -> tuple[Tensor, Tensor]:
-        """Targets ``(s, cols)`` int64 and signs ``(s, cols)`` float32 (scaled) for one input tile."""
+        """Output rows ``(s, cols)`` int64 (where each input coordinate lands) and signs ``(s, cols)`` float32
+        (scaled) for one input tile."""
         cols = min(self.tile_cols, self.p - index * self.tile_cols)
         g = cpu_generator(self.seed, _SPARSE_STREAM, index)
         width = self.d // self.s
-        targets = torch.randint(0, width, (self.s, cols), generator=g)
-        targets += torch.arange(self.s).unsqueeze(1) * width
+        rows = torch.randint(0, width, (self.s, cols), generator=g)
+        rows += torch.arange(self.s).unsqueeze(1) * width
         signs = torch.randint(0, 2, (self.s, cols), generator=g, dtype=torch.int8).float().mul_(2).sub_(1)
-        return targets, signs.mul_(1.0 / math.sqrt(self.s))
+        return rows, signs.mul_(1.0 / math.sqrt(self.s))
 
     def _tile_on(self, index: int, device, dtype) -> tuple[Tensor, Tensor]:
         key = (index, str(device), dtype)
         if key not in self._cache:
-            targets, signs = self.tile(index)
-            self._cache[key] = (targets.to(device), signs.to(device=device, dtype=dtype))
+            rows, signs = self.tile(index)
+            self._cache[key] = (rows.to(device), signs.to(device=device, dtype=dtype))
         return self._cache[key]
 
     def project(self, grads: Tensor) -> Tensor:

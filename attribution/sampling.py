@@ -16,6 +16,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from .diffusion import x0_hat
+
 PredictNoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -110,10 +112,9 @@ def ddpm_sample(
         t_batch = torch.full((x.shape[0],), int(t), device=device, dtype=torch.long)
         eps = predict_noise(x, t_batch)
         if record and (wanted is None or int(t) in wanted):
-            abar = alphas_cumprod[int(t)]
             rec_t.append(int(t))
             rec_x.append(x.cpu())
-            rec_x0.append(((x - (1 - abar).sqrt() * eps) / abar.sqrt()).cpu())
+            rec_x0.append(x0_hat(x, eps, t_batch, alphas_cumprod).cpu())
         x = scheduler.step(eps, t, x, generator=generators).prev_sample
     result = SampleResult(images=x.cpu(), seeds=torch.as_tensor(list(seeds), dtype=torch.long),
                           timesteps=torch.as_tensor(rec_t, dtype=torch.long))

@@ -36,7 +36,6 @@ and then averaged (TRAK instead multiplies the averaged scores by averaged weigh
 """
 from __future__ import annotations
 
-import json
 import logging
 from typing import Iterator, NamedTuple, Optional, Sequence, Union
 
@@ -45,16 +44,17 @@ import torch
 from torch import Tensor
 
 from . import _checks
-from .store import FeatureStore, atomic_save_npy, atomic_write_json
+from .atomic import atomic_save_npy, atomic_write_json
+from .store import FeatureStore
 
-__all__ = ["Kernel", "finalize", "load_kernel", "relative_lambda", "score", "iter_score_blocks", "topk_scores", "TopK",
+__all__ = ["KernelEigen", "finalize", "load_kernel", "relative_lambda", "score", "iter_score_blocks", "topk_scores", "TopK",
            "lambda_sweep", "dense_scores_float64"]
 
 log = logging.getLogger(__name__)
 Weights = Union[None, Tensor, Sequence[Optional[Tensor]]]
 
 
-class Kernel(NamedTuple):
+class KernelEigen(NamedTuple):
     """Eigendecomposition of ``Phi^T Phi``: ``eigenvalues (d,)``, ``eigenvectors (d, d)``, float64."""
 
     eigenvalues: Tensor
@@ -68,7 +68,7 @@ class Kernel(NamedTuple):
         return U @ coeff
 
 
-def _check_lambda(kernel: Kernel, lam: float) -> None:
+def _check_lambda(kernel: KernelEigen, lam: float) -> None:
     if not isinstance(lam, (int, float)) or lam < 0:
         raise ValueError(f"Expected `lam` to be a float >= 0, but got {lam!r}")
     s = kernel.eigenvalues
@@ -78,7 +78,7 @@ def _check_lambda(kernel: Kernel, lam: float) -> None:
                          f"{float(s.min()):.3e} (largest {float(s.max()):.3e}); pass lam > 0 (a ridge term)")
 
 
-def finalize(store: FeatureStore, block_rows: int = 8192) -> Kernel:
+def finalize(store: FeatureStore, block_rows: int = 8192) -> KernelEigen:
     """Accumulate ``Phi^T Phi`` in float64 over row chunks, eigendecompose, save, return it.
 
     Saves ``kernel_eigenvalues.npy``, ``kernel_eigenvectors.npy`` and ``kernel.json`` into the
@@ -95,10 +95,10 @@ def finalize(store: FeatureStore, block_rows: int = 8192) -> Kernel:
     atomic_save_npy(store.path / "kernel_eigenvalues.npy", s.numpy())
     atomic_write_json(store.path / "kernel.json", {"N": store.N, "d": store.d, "trace": float(K.trace())})
     log.info("finalized %s: eigenvalues in [%.3e, %.3e]", store.path, float(s.min()), float(s.max()))
-    return Kernel(s, U)
+    return KernelEigen(s, U)
 
 
-def load_kernel(store: FeatureStore) -> Kernel:
+def load_kernel(store: FeatureStore) -> KernelEigen:
     """The kernel saved by :func:`finalize` (raises if the store was not finalized)."""
     if not (store.path / "kernel.json").exists():
         raise FileNotFoundError(f"Expected a finalized `store` at {store.path}; call finalize(store) first")
@@ -106,7 +106,7 @@ def load_kernel(store: FeatureStore) -> Kernel:
     U = torch.from_numpy(np.load(store.path / "kernel_eigenvectors.npy"))
     if s.shape != (store.d,) or U.shape != (store.d, store.d):
         raise ValueError(f"Expected a kernel of width d = {store.d} in {store.path}, but got {tuple(U.shape)}; re-finalize")
-    return Kernel(s, U)
+    return KernelEigen(s, U)
 
 
 def _per_store_weights(stores, train_weights: Weights) -> list[Optional[Tensor]]:
@@ -147,14 +147,14 @@ def _per_store_lambdas(lam, num_stores: int) -> list[float]:
     return lams
 
 
-def relative_lambda(kernel: Kernel, lam: float) -> float:
+def relative_lambda(kernel: KernelEigen, lam: float) -> float:
     """An absolute ridge from one relative to the kernel's scale: ``lam * mean eigenvalue`` (= trace / d)."""
     return float(lam) * float(kernel.eigenvalues.clamp(min=0).mean())
 
 
 def iter_score_blocks(stores: Sequence[FeatureStore], target_grads_per_store: Sequence[Tensor], lam: float,
                       train_weights: Weights = None, block_rows: int = 8192,
-                      kernels: Optional[Sequence[Kernel]] = None) -> Iterator[tuple[int, int, Tensor]]:
+                      kernels: Optional[Sequence[KernelEigen]] = None) -> Iterator[tuple[int, int, Tensor]]:
     """Stream the checkpoint-averaged scores: yields ``(start, stop, scores (rows, B) float64)``.
 
     ``lam`` is one ridge for every store or a sequence with one per store (see :func:`relative_lambda`).
@@ -216,11 +216,18 @@ def topk_scores(stores: Sequence[FeatureStore], target_grads_per_store: Sequence
 
 
 def lambda_sweep(stores: Sequence[FeatureStore], target_grads_per_store: Sequence[Tensor], lams: Sequence[float],
-                 train_weights: Weights = None, block_rows: int = 8192, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Scores for several ridge values from the one stored eigendecomposition: ``(L, N, B)``."""
+                 train_weights: Weights = None, block_rows: int = 8192, dtype: torch.dtype = torch.float32,
+                 relative: bool = False) -> Tensor:
+    """Scores for several ridge values from the one stored eigendecomposition: ``(L, N, B)``.
+
+    ``lams`` are absolute ridges, or with ``relative=True`` multiples of each store's mean eigenvalue
+    (:func:`relative_lambda`), one value for every store.
+    """
     kernels = [load_kernel(s) for s in stores]
     out = []
     for lam in lams:
+        if relative:
+            lam = [relative_lambda(k, lam) for k in kernels]
         blocks = iter_score_blocks(stores, target_grads_per_store, lam, train_weights, block_rows, kernels)
         out.append(torch.cat([b.to(dtype) for _, _, b in blocks]))
     return torch.stack(out)

@@ -20,8 +20,6 @@ import contextlib
 import fcntl
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -30,6 +28,7 @@ import torch
 from torch import Tensor
 
 from . import _checks
+from .atomic import atomic_save_npy, atomic_write_json
 
 __all__ = ["FeatureStore", "StoreMismatchError", "atomic_write_json", "atomic_save_npy"]
 
@@ -39,38 +38,6 @@ _DTYPES = ("float16", "float32")
 
 class StoreMismatchError(ValueError):
     """The folder holds a store made with different metadata."""
-
-
-def atomic_write_json(path: Path, obj: dict) -> None:
-    """Write JSON to ``path`` through a temp file in the same folder and ``os.replace``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    """``np.save`` through a temp file in the same folder and ``os.replace``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    """``torch.save`` through a temp file in the same folder (created if missing) and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        torch.save(obj, f)
-    os.replace(tmp, path)
 
 
 @contextlib.contextmanager
@@ -232,3 +199,24 @@ class FeatureStore:
 
     def __repr__(self) -> str:
         return f"FeatureStore({str(self.path)!r}, N={self.N}, d={self.d}, dtype={self.meta['dtype']})"
+
+
+def open_feature_stores(features: str, argument: str = "features") -> list[FeatureStore]:
+    """The complete, finalized stores of one dataset in ``features`` (a store, or a folder of them), in name order.
+
+    ``argument`` is how error messages name the setting that gave the folder (e.g. ``plan.features``).
+    """
+    root = Path(features)
+    folders = [root] if (root / "meta.json").exists() else sorted(p.parent for p in root.glob("*/meta.json"))
+    if not folders:
+        raise FileNotFoundError(f"Expected `{argument}` to be a feature store or a folder of them (each with a "
+                                f"meta.json), but {str(root)!r} holds none; run `cli.py featurize` first")
+    stores = [FeatureStore.open(f, json.loads((f / "meta.json").read_text()), create=False) for f in folders]
+    for store in stores:
+        if not store.is_complete or not (store.path / "kernel.json").exists():
+            raise ValueError(f"Expected complete, finalized feature stores, but {store.path} is "
+                             f"{'incomplete' if not store.is_complete else 'not finalized'}; rerun `cli.py featurize`")
+    fingerprints = {(s.meta["N"], s.meta["dataset_fingerprint"]) for s in stores}
+    if len(fingerprints) != 1:
+        raise ValueError(f"Expected feature stores of one dataset, but got (N, fingerprint) pairs {sorted(fingerprints)}")
+    return stores

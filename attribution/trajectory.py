@@ -21,7 +21,7 @@ from torch import Tensor
 from .diffusion import add_noise, x0_hat
 from .sampling import SampleResult
 from .seeding import cpu_generator
-from .store import atomic_torch_save, atomic_write_json
+from .atomic import atomic_torch_save, atomic_write_json
 
 _REAL_NOISE_STREAM = 31
 
@@ -50,6 +50,14 @@ class Trajectory:
         """``(x0_hat pictures (S, C, H, W), final picture (C, H, W))`` in [-1, 1]: decoded when latent."""
         return (self.x0_hat if self.x0_hat_image is None else self.x0_hat_image,
                 self.final if self.final_image is None else self.final_image)
+
+    def position(self, t: int) -> int:
+        """Where recorded timestep ``t`` is in ``timesteps`` (error if ``t`` was not recorded)."""
+        found = (self.timesteps == int(t)).nonzero()
+        if len(found) == 0:
+            raise ValueError(f"Expected a timestep recorded in target {self.target_id} "
+                             f"({self.timesteps.tolist()}), but got {int(t)}")
+        return int(found[0])
 
     def save(self, path: str | Path) -> None:
         """``torch.save`` through a temp file and ``os.replace``."""
@@ -97,6 +105,11 @@ def real_image_target(predict_noise: Callable[[Tensor, Tensor], Tensor], alphas_
     return Trajectory(target_id=target_id, seed=seed, timesteps=t, x_t=x_t.cpu(), x0_hat=estimate.cpu(),
                       final=image.cpu(), source="real" if index is None else f"real:{int(index)}",
                       cond=None if cond is None else cond.cpu(), info=dict(info or {}))
+
+
+def recorded_at(targets: Sequence[Trajectory], steps: Sequence[int], name: str = "x_t") -> Tensor:
+    """``(B, S, ...)`` the recorded ``name`` ("x_t" or "x0_hat") of every target at timesteps ``steps``."""
+    return torch.stack([getattr(traj, name)[[traj.position(t) for t in steps]] for traj in targets])
 
 
 def save_targets(trajectories: Sequence[Trajectory], folder: str | Path) -> Path:

@@ -1,7 +1,6 @@
-"""Callbacks: ``TrakFeaturizeCallback`` (TRAK features at checkpoint time) and its helpers."""
-from callbacks.featurizer import CheckpointFeaturizer, FeaturizeSettings
-from callbacks.protocol import AttributableDiffusion, check_protocol
+"""Callbacks: ``TrakFeaturizeCallback`` (TRAK features at checkpoint time, for any module implementing
+``attribution.protocol``) and ``ScoreWriter`` (the AttributionModule's scores, pictures and index page)."""
+from callbacks.score_writer import ScoreWriter
 from callbacks.trak_featurize import TrakFeaturizeCallback
 
-__all__ = ["AttributableDiffusion", "CheckpointFeaturizer", "FeaturizeSettings", "TrakFeaturizeCallback",
-           "check_protocol"]
+__all__ = ["ScoreWriter", "TrakFeaturizeCallback"]

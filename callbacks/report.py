@@ -8,6 +8,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from attribution.atomic import atomic_write, atomic_write_text
+
 GREEN, RED = "#1a9850", "#d73027"
 
 
@@ -65,8 +67,7 @@ def influencer_figure(trajectory: Any, result: dict, images: Callable, path: str
     fig.suptitle(f"{caption} - top {k} positive (green) and negative (red) influencers per step", fontsize=8)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     experiment = getattr(logger, "experiment", None)
     if hasattr(experiment, "add_figure"):
         experiment.add_figure(f"influencers/target_{trajectory.target_id:04d}", fig)
@@ -89,9 +90,9 @@ def write_index(entries: list[dict], out_dir: str | Path) -> Path:
         prompt = f"<p>{html.escape(traj.prompt)}</p>" if traj.prompt else ""
         rows_html.append(f"<h2>target {traj.target_id} (seed {traj.seed})</h2>{prompt}"
                          + (f'<img src="{html.escape(name)}" style="image-rendering:pixelated">' if name else ""))
-    (out_dir / "index.md").write_text("\n".join(rows_md) + "\n")
+    atomic_write_text(out_dir / "index.md", "\n".join(rows_md) + "\n")
     page = out_dir / "index.html"
-    page.write_text("<html><head><meta charset='utf-8'><title>Attribution report</title></head><body>"
+    atomic_write_text(page, "<html><head><meta charset='utf-8'><title>Attribution report</title></head><body>"
                     "<h1>Attribution report</h1><p>Positive score: including the training image lowers the step "
                     "output f_t (makes this image more likely). Green: top positive, red: top negative.</p>"
                     + "".join(rows_html) + "</body></html>")

@@ -16,8 +16,13 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
-from attribution.store import atomic_torch_save
+from attribution.atomic import atomic_torch_save
 from callbacks.report import influencer_figure, write_index
+
+
+def pair_file(out_dir: Path, target_id: int, t: int) -> Path:
+    """The file of one scored (target, timestep) pair: ``<out_dir>/pairs/target_XXXX_tYYYY.pt``."""
+    return Path(out_dir) / "pairs" / f"target_{int(target_id):04d}_t{int(t):04d}.pt"
 
 
 class ScoreWriter(BasePredictionWriter):
@@ -29,7 +34,6 @@ class ScoreWriter(BasePredictionWriter):
     def write_on_batch_end(self, trainer: Trainer, pl_module: LightningModule, prediction: dict,
                            batch_indices: Optional[Sequence[int]], batch: Any, batch_idx: int,
                            dataloader_idx: int) -> None:
-        from lightning_modules.attribution_module import pair_file
         for j, (target, t) in enumerate(zip(prediction["target"].tolist(), prediction["t"].tolist())):
             atomic_torch_save(prediction["scores"][:, j].clone(), pair_file(pl_module.out_dir, target, t))
 
@@ -41,11 +45,9 @@ class ScoreWriter(BasePredictionWriter):
 
     def assemble(self, trainer: Trainer, pl_module: LightningModule) -> list[Path]:
         """Per-target score files, pictures and the index page, from the per-pair files."""
-        datamodule = trainer.datamodule
-        if datamodule is not None:
-            pl_module.check_data(datamodule)
+        datamodule = pl_module.data
         entries = []
-        for traj in pl_module.targets:
+        for traj in pl_module.trajectories:
             result = self._target_result(pl_module, traj)
             if result is None:
                 continue
@@ -62,7 +64,6 @@ class ScoreWriter(BasePredictionWriter):
 
     @staticmethod
     def _target_result(pl_module: LightningModule, traj) -> Optional[dict]:
-        from lightning_modules.attribution_module import pair_file
         steps = [t for _, t in pl_module.selected_steps(traj)]
         files = [pair_file(pl_module.out_dir, traj.target_id, t) for t in steps]
         if not steps or not all(f.exists() for f in files):

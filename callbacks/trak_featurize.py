@@ -1,7 +1,7 @@
 """``TrakFeaturizeCallback``: TRAK features for every checkpoint, while training.
 
 Plug it into any Lightning diffusion project whose LightningModule implements the three methods of
-``callbacks.protocol``. Each time a checkpoint is saved, the callback notes it; right after (before
+``attribution.protocol``. Each time a checkpoint is saved, the callback notes it; right after (before
 the next optimizer step, or at the end of training) it featurizes the *whole* training set with the
 checkpoint's weights into ``<out_dir>/<checkpoint name>/`` and finalizes the store, so scoring can
 start. Override :meth:`should_featurize` for another schedule (e.g. every second checkpoint).
@@ -14,9 +14,9 @@ from typing import Any, Optional
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
-from callbacks.featurizer import CheckpointFeaturizer, FeaturizeSettings
-from callbacks.protocol import check_protocol
-from lightning_modules.checkpoint_meta import data_identity
+from attribution.featurize import CheckpointFeaturizer, FeaturizeSettings
+from attribution.protocol import check_protocol
+from attribution.identity import data_identity
 
 
 class TrakFeaturizeCallback(Callback):
@@ -25,7 +25,7 @@ class TrakFeaturizeCallback(Callback):
     Args:
         out_dir: where stores go (default: ``features/`` beside the checkpoints folder).
         proj_dim, projector, proj_seed, num_draws, draw_seed, output, share_noise, param_names,
-        batch_size, chunk_size, dtype, use_ema: see :class:`callbacks.featurizer.FeaturizeSettings`.
+        batch_size, chunk_size, dtype, use_ema: see :class:`attribution.featurize.FeaturizeSettings`.
     """
 
     def __init__(self, out_dir: Optional[str] = None, proj_dim: int = 2048, projector: str = "sparse",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -23,17 +23,10 @@ class ArrayDataModule(ImageDataModule):
     def __init__(
         self,
         path: str,
-        subset_mask: Optional[str] = None,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        augment: bool = False,
-        seed: int = 0,
-        image_size: Optional[int] = None,
-        pad: int = 0,
-        caption_template: Optional[str] = None,
+        **kwargs: Any,
     ) -> None:
         self.path = path
-        super().__init__(subset_mask, batch_size, num_workers, augment, seed, image_size, pad, caption_template)
+        super().__init__(**kwargs)
 
     def _load_source(self) -> tuple[np.ndarray, Optional[np.ndarray]]:
         path = Path(self.path)

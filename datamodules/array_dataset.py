@@ -10,8 +10,9 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
 from torch.utils.data import Dataset
+
+from attribution.images import square_resize
 
 __all__ = ["ArrayImageDataset", "check_uint8_images", "to_float", "resize_and_pad"]
 
@@ -35,12 +36,12 @@ def check_uint8_images(images: np.ndarray, name: str) -> np.ndarray:
 
 
 def resize_and_pad(images_nhwc: np.ndarray, image_size: Optional[int], pad: int) -> torch.Tensor:
-    """uint8 ``(N, H, W, C)`` -> uint8 ``(N, C, H', W')``: antialiased resize (shorter side
-    ``image_size``, then a center crop to square if needed), then ``pad`` zero pixels each side."""
+    """uint8 ``(N, H, W, C)`` -> uint8 ``(N, C, H', W')``: ``attribution.images.square_resize`` to
+    ``image_size`` (center crop, antialiased bicubic) when the images are not that size already, then
+    ``pad`` zero pixels each side."""
     images = torch.from_numpy(np.ascontiguousarray(images_nhwc)).permute(0, 3, 1, 2).contiguous()
     if image_size is not None and tuple(images.shape[-2:]) != (image_size, image_size):
-        images = TF.resize(images, [image_size], antialias=True)
-        images = TF.center_crop(images, [image_size, image_size])
+        images = square_resize(images, image_size)
     if pad:
         images = torch.nn.functional.pad(images, (pad, pad, pad, pad), value=0)
     return images.contiguous()

@@ -197,14 +197,6 @@ class ImageDataModule(LightningDataModule):
                                     self._captions)
         return self._loader(dataset, batch_size or self.batch_size)
 
-    def predict_dataloader(self):
-        """Predict batches come from the LightningModule: ``AttributionModule`` scores (target, step) pairs,
-        and the datamodule supplies the training images and data identity for the report."""
-        module = None if self.trainer is None else self.trainer.lightning_module
-        if module is None:
-            raise RuntimeError(f"{type(self).__name__}.predict_dataloader: no LightningModule is attached to the trainer")
-        return module.predict_dataloader()
-
     def images(self, indices: Sequence[int]) -> torch.Tensor:
         """Float ``(k, C, H, W)`` in ``[-1, 1]`` for global ``indices`` (pictures, pixel similarity)."""
         self._ensure_loaded()

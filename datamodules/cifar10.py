@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
-from typing import Optional
+from typing import Any
 
 import numpy as np
 
@@ -64,13 +64,7 @@ class CIFAR10DataModule(ImageDataModule):
         self,
         root: str,
         split: str = "train",
-        subset_mask: Optional[str] = None,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        augment: bool = False,
-        seed: int = 0,
-        image_size: Optional[int] = None,
-        pad: int = 0,
+        **kwargs: Any,
     ) -> None:
         if split not in _SPLIT_FILES:
             raise ValueError(
@@ -80,7 +74,7 @@ class CIFAR10DataModule(ImageDataModule):
         self.split = split
         self._check_files()
         self.label_names = self._read_label_names()
-        super().__init__(subset_mask, batch_size, num_workers, augment, seed, image_size, pad)
+        super().__init__(**kwargs)
 
     def _check_files(self) -> None:
         root = Path(self.root)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -23,18 +23,8 @@ class DigitsDataModule(ImageDataModule):
     label_names = [str(digit) for digit in range(10)]
     caption_names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
-    def __init__(
-        self,
-        subset_mask: Optional[str] = None,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        augment: bool = False,
-        seed: int = 0,
-        image_size: Optional[int] = 8,
-        pad: int = 0,
-        caption_template: Optional[str] = None,
-    ) -> None:
-        super().__init__(subset_mask, batch_size, num_workers, augment, seed, image_size, pad, caption_template)
+    def __init__(self, image_size: Optional[int] = 8, **kwargs: Any) -> None:
+        super().__init__(image_size=image_size, **kwargs)
 
     def _load_source(self) -> tuple[np.ndarray, np.ndarray]:
         from sklearn.datasets import load_digits

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
+from attribution.images import square_resize_hwc
 from datamodules.base import ImageDataModule
 
 __all__ = ["ImageFolderDataModule", "IMAGE_EXTENSIONS"]
@@ -21,7 +22,7 @@ def list_images(root: Path) -> list[Path]:
 
 
 def load_square(path: Path, image_size: int, grayscale: bool) -> np.ndarray:
-    """PIL load -> RGB/L -> center crop to square -> bicubic (antialiased) resize; uint8 (H, W[, C])."""
+    """PIL load -> RGB/L -> ``attribution.images.square_resize`` (center crop, antialiased bicubic); uint8 (H, W[, C])."""
     from PIL import Image
 
     try:
@@ -29,11 +30,7 @@ def load_square(path: Path, image_size: int, grayscale: bool) -> np.ndarray:
             image = image.convert("L" if grayscale else "RGB")
     except OSError as err:
         raise ValueError(f"ImageFolderDataModule: cannot read image '{path}': {err}") from err
-    side = min(image.size)
-    left, top = (image.width - side) // 2, (image.height - side) // 2
-    image = image.crop((left, top, left + side, top + side))
-    image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
-    return np.asarray(image, dtype=np.uint8)
+    return square_resize_hwc(np.asarray(image, dtype=np.uint8), image_size)
 
 
 class ImageFolderDataModule(ImageDataModule):
@@ -55,19 +52,14 @@ class ImageFolderDataModule(ImageDataModule):
         root: str,
         image_size: int,
         grayscale: bool = False,
-        subset_mask: Optional[str] = None,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        augment: bool = False,
-        seed: int = 0,
-        pad: int = 0,
+        **kwargs: Any,
     ) -> None:
         self.root = root
         self.grayscale = grayscale
         self.files = self._find_files(Path(root))
         classes = sorted({self._class_of(p) for p in self.files} - {None})
         self.label_names = classes or None
-        super().__init__(subset_mask, batch_size, num_workers, augment, seed, image_size, pad)
+        super().__init__(image_size=image_size, **kwargs)
 
     @staticmethod
     def _find_files(root: Path) -> list[Path]:

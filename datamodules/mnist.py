@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Optional
 
 import numpy as np
 
@@ -21,18 +20,6 @@ class MNIST5kDataModule(ImageDataModule):
     """
 
     label_names = [str(digit) for digit in range(10)]
-
-    def __init__(
-        self,
-        subset_mask: Optional[str] = None,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        augment: bool = False,
-        seed: int = 0,
-        image_size: Optional[int] = None,
-        pad: int = 0,
-    ) -> None:
-        super().__init__(subset_mask, batch_size, num_workers, augment, seed, image_size, pad)
 
     def _count_examples(self) -> int:
         return 5000  # fixed by the package; checked against the data when it is loaded

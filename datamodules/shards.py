@@ -1,6 +1,6 @@
 """Converter to captioned-image webdataset shards (format: ``datamodules.shard_format``).
 
-:func:`write_shards` writes each shard under a temporary name and ``os.replace``-s it, then
+:func:`write_shards` writes each shard atomically (``attribution.atomic``), then
 updates ``manifest.json`` (``"complete": false`` until the last shard). A killed conversion
 therefore leaves only whole shards; a rerun skips every shard whose source digest matches its
 manifest entry and raises ``FileExistsError`` when the folder holds a different conversion
@@ -18,13 +18,14 @@ import hashlib
 import io
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from attribution.atomic import atomic_write, atomic_write_text
+from attribution.images import square_resize_hwc
 from datamodules.shard_format import (
     FORMAT, MANIFEST, RawSample, ShardError, check_shard_files, check_shards, iter_shard, read_manifest,
 )
@@ -180,12 +181,8 @@ def _to_pixels(image: Any, index: int, image_size: Optional[int], grayscale: boo
             raise ValueError(f"item {index}: expected a uint8 (H, W) or (H, W, C) image with C in "
                              f"(1, 3), but got {np.asarray(image).dtype} of shape {np.shape(image)}")
         picture = Image.fromarray(array)
-    if image_size is not None:
-        side = min(picture.size)
-        left, top = (picture.width - side) // 2, (picture.height - side) // 2
-        picture = picture.crop((left, top, left + side, top + side))
-        picture = picture.resize((image_size, image_size), Image.Resampling.BICUBIC)
-    return np.asarray(picture, dtype=np.uint8)
+    pixels = np.asarray(picture, dtype=np.uint8)
+    return pixels if image_size is None else square_resize_hwc(pixels, image_size)
 
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -201,9 +198,9 @@ def _write_one_shard(path: Path, chunk: Sequence[Mapping], first: int, settings:
     import webdataset as wds
 
     shapes, captions_counts = set(), []
-    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with wds.TarWriter(str(temporary), encoder=False, mtime=0.0) as writer:
+
+    def write_tar(stream) -> None:
+        with wds.TarWriter(stream, encoder=False, mtime=0.0) as writer:
             for offset, item in enumerate(chunk):
                 index = first + offset
                 image, captions, label = _check_item(item, index)
@@ -215,9 +212,8 @@ def _write_one_shard(path: Path, chunk: Sequence[Mapping], first: int, settings:
                 if label >= 0:
                     sample["label.cls"] = str(label).encode()
                 writer.write(sample)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+
+    atomic_write(path, write_tar)
     channels = {shape[2] for shape in shapes}
     if len(channels) != 1:
         raise ValueError(f"shard '{path}': expected one channel count for all images, "
@@ -229,9 +225,7 @@ def _write_one_shard(path: Path, chunk: Sequence[Mapping], first: int, settings:
 
 # ============================================================================ manifest
 def _write_json_atomic(path: Path, content: dict) -> None:
-    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(json.dumps(content, indent=1) + "\n")
-    os.replace(temporary, path)
+    atomic_write_text(path, json.dumps(content, indent=1) + "\n")
 
 
 def _previous_entries(out: Path) -> dict[str, dict]:

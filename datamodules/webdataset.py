@@ -36,7 +36,7 @@ import io
 import math
 from collections import OrderedDict
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -308,21 +308,21 @@ class WebDatasetDataModule(ImageDataModule):
     def __init__(
         self,
         path: str,
-        subset_mask: Optional[str] = None,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        augment: bool = False,
-        seed: int = 0,
         image_size: Optional[int] = None,
         caption_index: int = 0,
         shuffle_buffer: int = 1000,
+        **kwargs: Any,
     ) -> None:
         self.path, self.caption_index, self.shuffle_buffer = path, caption_index, shuffle_buffer
         self.manifest = read_manifest(path)
         check_shard_files(path, self.manifest)
         self._check_reading_args(image_size)
         self.label_names = self.manifest.get("label_names")
-        super().__init__(subset_mask, batch_size, num_workers, augment, seed, image_size, pad=0)
+        for name in ("pad", "caption_template"):
+            if kwargs.get(name):
+                raise ValueError(f"Expected no `{name}` for webdataset shards (their images and captions are "
+                                 f"stored as converted), but got {kwargs[name]!r}")
+        super().__init__(image_size=image_size, **kwargs)
         self._source = _Source(path, self.manifest, image_size)
         self._cache = _ShardCache(self._source)
 

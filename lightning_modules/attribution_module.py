@@ -9,7 +9,6 @@ the top-k influencers and the pictures. Pairs already written are skipped: scori
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -17,19 +16,22 @@ import torch
 from lightning.pytorch import LightningModule
 from torch.utils.data import DataLoader, Dataset
 
-from attribution import FeatureStore, StepOutput, iter_score_blocks, load_kernel, relative_lambda, x0_hat
-from attribution.fastpath import featurize_batch_auto
+from attribution import (FeatureStore, StepOutput, featurize_batch, iter_score_blocks, load_kernel, relative_lambda,
+                         x0_hat)
 from attribution.trajectory import Trajectory, load_targets
-from callbacks.featurizer import projector_from_meta, weights_hash
-from callbacks.patches import load_patch
+from attribution.featurize import projector_from_meta
+from attribution.identity import weights_hash
+from attribution.patches import load_patch
+from attribution.store import open_feature_stores
+from callbacks.score_writer import ScoreWriter, pair_file
 from lightning_modules.loading import load_diffusion_module
 
 
 class PairDataset(Dataset):
     """(target, step) pairs of recorded trajectories; items hold the recorded x_t and its step."""
 
-    def __init__(self, targets: list[Trajectory], pairs: list[tuple[int, int]]) -> None:
-        self.targets = {t.target_id: t for t in targets}
+    def __init__(self, trajectories: list[Trajectory], pairs: list[tuple[int, int]]) -> None:
+        self.trajectories = {t.target_id: t for t in trajectories}
         self.pairs = pairs
 
     def __len__(self) -> int:
@@ -37,7 +39,7 @@ class PairDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         target_id, s = self.pairs[i]
-        traj = self.targets[target_id]
+        traj = self.trajectories[target_id]
         item = {"target": target_id, "step_index": s, "t": int(traj.timesteps[s]), "x_t": traj.x_t[s]}
         if traj.cond is not None:
             item["cond"] = traj.cond
@@ -55,7 +57,8 @@ class AttributionModule(LightningModule):
         num_draws: K', noise draws of the step output (20 in the paper).
         draw_seed: seed of those draws (per target and step).
         share_noise: share noise draws with the training side (D-TRAK); match the featurize setting.
-        lam: ridge, relative to the mean eigenvalue of each checkpoint's kernel Phi^T Phi.
+        relative_lam: ridge lambda relative to the mean eigenvalue of each checkpoint's kernel Phi^T Phi
+            (the absolute ridge of checkpoint m is ``relative_lam * trace(Phi_m^T Phi_m) / d``).
         topk: influencers kept per step and sign.
         steps: only these recorded timesteps (None: every recorded step).
         target_ids: only these targets (None: all).
@@ -65,20 +68,29 @@ class AttributionModule(LightningModule):
     """
 
     def __init__(self, features: str, targets: str, out_dir: Optional[str] = None, output: str = "loss",
-                 num_draws: int = 20, draw_seed: int = 0, share_noise: bool = False, lam: float = 0.1,
+                 num_draws: int = 20, draw_seed: int = 0, share_noise: bool = False, relative_lam: float = 0.1,
                  topk: int = 8, steps: Optional[list[int]] = None, target_ids: Optional[list[int]] = None,
                  patch: Optional[str] = None, pair_batch_size: int = 4, use_ema: bool = True) -> None:
         super().__init__()
         if output not in ("loss", "square"):
             raise ValueError(f"Expected `output` to be 'loss' or 'square', but got {output!r}")
-        if lam <= 0:
-            raise ValueError(f"Expected `lam` > 0 (relative ridge), but got {lam}")
+        if relative_lam <= 0:
+            raise ValueError(f"Expected `relative_lam` > 0 (a ridge relative to the mean eigenvalue), but got {relative_lam}")
         self.save_hyperparameters()
         self.out_dir = Path(out_dir) if out_dir else Path(targets).parent / "scores"
         self.stores = open_feature_stores(features)
-        self.targets = load_targets(targets, target_ids)
+        self.trajectories = load_targets(targets, target_ids)
         self.denoisers = torch.nn.ModuleList()
+        self.data: Any = None
         self._loaded = False
+
+    def attach_data(self, datamodule: Any) -> "AttributionModule":
+        """The training data the stores were made from: checked now (N, fingerprint), then used for the
+        report's pictures. It is not the predict loop's data source: the pairs come from this module, so
+        call ``trainer.predict(module.attach_data(dm))`` (``cli.py score`` and ``cli.py predict`` do)."""
+        self.check_data(datamodule)
+        self.data = datamodule
+        return self
 
     # ----------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
@@ -89,8 +101,8 @@ class AttributionModule(LightningModule):
         self.denoisers.extend(m.attribution_denoiser(self.hparams.use_ema) for m in modules)
         self.projectors = [projector_from_meta(s.meta["projector"], d) for s, d in zip(self.stores, self.denoisers)]
         self.kernels = [load_kernel(s) for s in self.stores]
-        self.lams = [relative_lambda(k, self.hparams.lam) for k in self.kernels]
-        self.masks = load_patch(self.hparams.patch, self.targets)
+        self.lams = [relative_lambda(k, self.hparams.relative_lam) for k in self.kernels]
+        self.masks = load_patch(self.hparams.patch, self.trajectories)
         self._loaded = True
 
     def _load_checkpoint(self, store: FeatureStore) -> LightningModule:
@@ -118,14 +130,13 @@ class AttributionModule(LightningModule):
 
     def pending_pairs(self) -> list[tuple[int, int]]:
         """(target, step index) pairs not scored yet (scored pairs are files under out_dir/pairs)."""
-        return [(traj.target_id, s) for traj in self.targets for s, t in self.selected_steps(traj)
+        return [(traj.target_id, s) for traj in self.trajectories for s, t in self.selected_steps(traj)
                 if not pair_file(self.out_dir, traj.target_id, t).exists()]
 
     def predict_dataloader(self) -> DataLoader:
-        return DataLoader(PairDataset(self.targets, self.pending_pairs()), batch_size=self.hparams.pair_batch_size)
+        return DataLoader(PairDataset(self.trajectories, self.pending_pairs()), batch_size=self.hparams.pair_batch_size)
 
     def configure_callbacks(self):
-        from callbacks.score_writer import ScoreWriter
         return [ScoreWriter()]
 
     # ----------------------------------------------------------------- scoring
@@ -149,7 +160,7 @@ class AttributionModule(LightningModule):
         for rows, mask in self._mask_groups(target):
             output = StepOutput(self.hparams.num_draws, self.hparams.draw_seed, kind=self.hparams.output,
                                 mask=None if mask is None else mask.to(x_t.device), share_noise=self.hparams.share_noise)
-            out[rows] = featurize_batch_auto(task, model, output, self.projectors[m], estimate[rows], target[rows],
+            out[rows] = featurize_batch(task, model, output, self.projectors[m], estimate[rows], target[rows],
                                              cond=None if cond is None else cond[rows], steps=t[rows],
                                              param_names=self.stores[m].meta.get("param_names"))
         return out
@@ -161,28 +172,3 @@ class AttributionModule(LightningModule):
             return
         for tid in target.unique().tolist():
             yield (target == tid).nonzero().reshape(-1), self.masks[tid]
-
-
-def pair_file(out_dir: Path, target_id: int, t: int) -> Path:
-    return Path(out_dir) / "pairs" / f"target_{int(target_id):04d}_t{int(t):04d}.pt"
-
-
-def open_feature_stores(features: str, argument: str = "features") -> list[FeatureStore]:
-    """The complete, finalized stores of one dataset in ``features`` (a store, or a folder of them), in name order.
-
-    ``argument`` is how error messages name the setting that gave the folder (e.g. ``plan.features``).
-    """
-    root = Path(features)
-    folders = [root] if (root / "meta.json").exists() else sorted(p.parent for p in root.glob("*/meta.json"))
-    if not folders:
-        raise FileNotFoundError(f"Expected `{argument}` to be a feature store or a folder of them (each with a "
-                                f"meta.json), but {str(root)!r} holds none; run `cli.py featurize` first")
-    stores = [FeatureStore.open(f, json.loads((f / "meta.json").read_text()), create=False) for f in folders]
-    for store in stores:
-        if not store.is_complete or not (store.path / "kernel.json").exists():
-            raise ValueError(f"Expected complete, finalized feature stores, but {store.path} is "
-                             f"{'incomplete' if not store.is_complete else 'not finalized'}; rerun `cli.py featurize`")
-    fingerprints = {(s.meta["N"], s.meta["dataset_fingerprint"]) for s in stores}
-    if len(fingerprints) != 1:
-        raise ValueError(f"Expected feature stores of one dataset, but got (N, fingerprint) pairs {sorted(fingerprints)}")
-    return stores

@@ -17,11 +17,11 @@ from diffusers import DDPMScheduler, UNet2DModel
 from lightning.pytorch import LightningModule
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from attribution import DiffusionTask
+from attribution import DiffusionTask, add_noise
 from attribution.sampling import ddpm_sample
 from attribution.trajectory import Trajectory, from_samples, real_image_target
-from lightning_modules.checkpoint_meta import data_identity, write_identity
-from lightning_modules.images import save_grid
+from attribution.identity import data_identity, write_identity
+from attribution.images import save_grid
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
@@ -92,8 +92,7 @@ class DDPMModule(LightningModule):
         """Mean noise-prediction MSE at uniformly drawn timesteps; x0 (B,C,H,W) in [-1, 1]."""
         noise = torch.randn_like(x0)
         t = torch.randint(0, self.hparams.num_train_timesteps, (x0.shape[0],), device=x0.device)
-        abar = self.alphas_cumprod.index_select(0, t).view(-1, *([1] * (x0.dim() - 1)))
-        x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+        x_t = add_noise(x0, noise, t, self.alphas_cumprod)
         return F.mse_loss(self.predict_noise(x_t, t, cond, ema=False), noise)
 
     def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor] = None,

@@ -31,11 +31,11 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from attribution.sampling import ddpm_sample
-from attribution.store import atomic_torch_save
+from attribution.atomic import atomic_torch_save
 from attribution.trajectory import Trajectory, from_samples, real_image_target
-from lightning_modules.checkpoint_meta import CheckpointMismatchError
+from attribution.identity import CheckpointMismatchError
 from lightning_modules.ddpm import DDPMModule
-from lightning_modules.text_encoder import FrozenTextEncoder
+from attribution.text_encoder import FrozenTextEncoder
 from lightning_modules.vae import decode_latents, encode_latents, load_vae, vae_hash
 
 __all__ = ["LDMModule"]
@@ -54,7 +54,8 @@ class LDMModule(DDPMModule):
         guidance_scale: classifier-free guidance weight w for sampling (1: no guidance).
         latent_cache: folder for the latents of all N images (None: computed in memory at fit start).
         sample_prompts: prompts of the sample grid (None: the captions of the first training examples).
-        Other arguments: see ``DDPMModule``.
+        num_samples: images in the sample grid.
+        Other arguments (schedule, optimizer, EMA, sampling): see ``DDPMModule``, passed on as keywords.
     """
 
     def __init__(
@@ -67,18 +68,8 @@ class LDMModule(DDPMModule):
         guidance_scale: float = 3.0,
         latent_cache: Optional[str] = None,
         sample_prompts: Optional[list[str]] = None,
-        num_train_timesteps: int = 1000,
-        beta_schedule: str = "linear",
-        beta_start: float = 1e-4,
-        beta_end: float = 0.02,
-        lr: float = 2e-3,
-        weight_decay: float = 0.0,
-        warmup_steps: int = 100,
-        ema_decay: Optional[float] = None,
-        sample_every_n_epochs: int = 0,
         num_samples: int = 16,
-        sample_inference_steps: int = 100,
-        sample_seed: int = 0,
+        **kwargs: Any,
     ) -> None:
         if not 0.0 <= caption_dropout < 1.0:
             raise ValueError(f"Expected `caption_dropout` in [0, 1), but got {caption_dropout}")
@@ -86,9 +77,7 @@ class LDMModule(DDPMModule):
             raise ValueError(f"Expected `guidance_scale` >= 0, but got {guidance_scale}")
         if not isinstance(unet, UNet2DConditionModel):
             raise TypeError(f"Expected `unet` to be a diffusers UNet2DConditionModel, but got {type(unet).__name__}")
-        super().__init__(unet, num_train_timesteps, beta_schedule, beta_start, beta_end, lr, weight_decay,
-                         warmup_steps, ema_decay, sample_every_n_epochs, num_samples, sample_inference_steps,
-                         sample_seed)
+        super().__init__(unet, num_samples=num_samples, **kwargs)
         self.save_hyperparameters(ignore=["unet"])
         self._frozen: dict[str, Any] = {}  # the VAE and the text encoder: loaded on first use, never saved
         self._expected_vae_hash: Optional[str] = None

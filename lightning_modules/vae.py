@@ -13,7 +13,6 @@ the posterior mean (no sampling), so an image's latent is a function of the imag
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -23,7 +22,8 @@ from diffusers import AutoencoderKL
 from lightning.pytorch import LightningModule
 
 from lightning_modules.ddpm import warmup_cosine
-from lightning_modules.images import save_grid
+from attribution.identity import tensors_hash
+from attribution.images import save_grid
 
 __all__ = ["VAEModule", "load_vae", "encode_latents", "decode_latents", "vae_hash"]
 
@@ -117,13 +117,10 @@ def load_vae(path: str | Path) -> AutoencoderKL:
 
 
 def vae_hash(vae: AutoencoderKL) -> str:
-    """sha256 (16 hex digits) of the VAE's state dict and its latent scaling: the identity that latent
-    caches and LDM checkpoints record."""
-    h = hashlib.sha256(f"{vae.config.scaling_factor!r}:{getattr(vae.config, 'shift_factor', None)!r}".encode())
-    for name, tensor in vae.state_dict().items():
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+    """Hash of the VAE's state dict and its latent scaling: the identity that latent caches and LDM
+    checkpoints record."""
+    scaling = f"{vae.config.scaling_factor!r}:{getattr(vae.config, 'shift_factor', None)!r}"
+    return tensors_hash(vae.state_dict().items(), prefix=scaling)
 
 
 def _scale_shift(vae: AutoencoderKL) -> tuple[float, float]:

@@ -12,15 +12,15 @@ import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
+from attribution.featurize import CheckpointFeaturizer, FeaturizeSettings
+from attribution.identity import check_checkpoint
+from attribution.images import save_grid
 from attribution.masks import write_random_masks
-from callbacks.featurizer import CheckpointFeaturizer, FeaturizeSettings
-from callbacks.protocol import check_protocol
-from callbacks.trak_featurize import TrakFeaturizeCallback
-from lightning_modules.checkpoint_meta import CheckpointMismatchError, check_identity
+from attribution.protocol import check_protocol
 from attribution.trajectory import save_targets
-from lightning_modules.featurize_runner import FeaturizeRunner
-from lightning_modules.images import save_grid
-from lightning_modules.lds_workflow import LDS_SUBCOMMANDS, LDSCommands
+from callbacks.trak_featurize import TrakFeaturizeCallback
+from commands.featurize_runner import FeaturizeRunner
+from commands.lds import LDS_SUBCOMMANDS, LDSCommands
 
 PROJECT_SUBCOMMANDS: dict[str, set[str]] = {
     "masks": {"model", "datamodule"},
@@ -108,6 +108,14 @@ class AttributionTrainer(LDSCommands, Trainer):
         """Score recorded targets (the same as `predict` with an AttributionModule)."""
         self.predict(model, datamodule=datamodule, return_predictions=False)
 
+    def predict(self, model: Optional[LightningModule] = None, dataloaders=None,
+                datamodule: Optional[LightningDataModule] = None, *args, **kwargs):
+        """``Trainer.predict``; a module that scores (``attach_data``) gets the datamodule as its report data,
+        and its own (target, step) pairs stay the loop's data."""
+        if datamodule is not None and callable(getattr(model, "attach_data", None)):
+            model, datamodule = model.attach_data(datamodule), None
+        return super().predict(model, dataloaders, datamodule, *args, **kwargs)
+
     def _callback_settings(self) -> Optional[FeaturizeSettings]:
         for callback in self.callbacks:
             if isinstance(callback, TrakFeaturizeCallback):
@@ -137,21 +145,3 @@ def find_checkpoints(checkpoints: str) -> list[Path]:
         raise FileNotFoundError(f"Expected `checkpoints` to be a checkpoint file or a folder holding *.ckpt files, "
                                 f"but {str(path)!r} {'holds none' if path.is_dir() else 'does not exist'}")
     return found
-
-
-def check_checkpoint(path: Path, model: LightningModule, datamodule: LightningDataModule) -> None:
-    """Refuse a checkpoint made with other data (N, fingerprint) or for another model configuration."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    check_identity(checkpoint, datamodule, source=f"checkpoint {path}")
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    given = {k: tuple(v.shape) for k, v in checkpoint.get("state_dict", {}).items()}
-    if expected != given:
-        missing = sorted(set(expected) - set(given))[:3]
-        unexpected = sorted(set(given) - set(expected))[:3]
-        shapes = [f"{k}: {given[k]} vs {expected[k]}" for k in sorted(set(expected) & set(given))
-                  if given[k] != expected[k]][:3]
-        raise CheckpointMismatchError(
-            f"checkpoint {path} does not match the model configuration: expected its state_dict to have the "
-            f"model's parameters, but missing {missing}, unexpected {unexpected}, shape differences {shapes}")
-    if callable(getattr(model, "check_checkpoint", None)):  # module-specific checks (the LDM's VAE identity)
-        model.check_checkpoint(checkpoint, source=f"checkpoint {path}")

@@ -7,7 +7,6 @@ and a killed run resumes with only the missing rows.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -17,14 +16,14 @@ from typing import Any, Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from attribution import (FeatureStore, checkpoint_seed, finalize, make_output, make_projector, num_parameters,
-                         parameter_order)
-from attribution.fastpath import featurize_batch_auto
+from attribution import (FeatureStore, checkpoint_seed, featurize_batch, finalize, make_output, make_projector,
+                         num_parameters)
 from attribution.layerwise import LayerwiseProjector
 from attribution.sparse_fast import HashedSparseProjector
 from attribution.outputs import ModelOutput
 from attribution.projectors import Projector
-from callbacks.protocol import AttributableDiffusion
+from attribution.identity import weights_hash
+from attribution.protocol import AttributableDiffusion
 
 log = logging.getLogger(__name__)
 
@@ -81,16 +80,6 @@ class FeaturizeSettings:
     def train_output(self) -> ModelOutput:
         return make_output(f"train_{self.output}", num_draws=self.num_draws, seed=self.draw_seed,
                            share_noise=self.share_noise)
-
-
-def weights_hash(model: torch.nn.Module, param_names: Optional[list[str]] = None) -> str:
-    """sha256 of the differentiated parameters' bytes, in parameter order: the checkpoint's identity."""
-    params = dict(model.named_parameters())
-    h = hashlib.sha256()
-    for name in parameter_order(model, param_names):
-        h.update(name.encode())
-        h.update(params[name].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def make_settings_projector(kind: str, model: torch.nn.Module, d: int, seed: int,
@@ -186,7 +175,7 @@ class CheckpointFeaturizer:
                 x0, index = x0.to(device), index.to(device)
                 cond = None if cond is None else cond.to(device)
                 with torch.enable_grad():
-                    features = featurize_batch_auto(task, model, output, projector, x0, index, cond=cond,
+                    features = featurize_batch(task, model, output, projector, x0, index, cond=cond,
                                                     param_names=s.param_names, chunk_size=s.chunk_size)
                 store.write(index.cpu(), features)
                 done += len(index)

@@ -18,24 +18,16 @@ from typing import Sequence
 
 import torch
 
-from attribution import (FeatureStore, StepOutput, embedding_cosine_scores, iter_score_blocks, load_kernel,
-                         pixel_cosine_scores, random_scores, relative_lambda, train_classifier, x0_hat)
-from attribution.fastpath import featurize_batch_auto
-from attribution.trajectory import Trajectory
-from callbacks.featurizer import projector_from_meta
-from lightning_modules.attribution_module import open_feature_stores
-from lightning_modules.lds_outputs import stacked_x0_hat
-from lightning_modules.lds_plan import TRAK_METHODS, LDSPlan, settings_hash
+from attribution import (FeatureStore, StepOutput, embedding_cosine_scores, featurize_batch, lambda_sweep,
+                         pixel_cosine_scores, random_scores, train_classifier, x0_hat)
+from attribution.atomic import atomic_torch_save
+from attribution.trajectory import Trajectory, recorded_at
+from attribution.featurize import projector_from_meta
+from attribution.store import open_feature_stores
+from evaluation.plan import TRAK_METHODS, LDSPlan, settings_hash
 from lightning_modules.loading import load_diffusion_module
 
 log = logging.getLogger(__name__)
-
-
-def recorded_x_t(targets: Sequence[Trajectory], steps: Sequence[int]) -> torch.Tensor:
-    rows = []
-    for traj in targets:
-        rows.append(traj.x_t[[int((traj.timesteps == t).nonzero()[0]) for t in steps]])
-    return torch.stack(rows)
 
 
 def target_gradients(store: FeatureStore, targets: Sequence[Trajectory], steps: Sequence[int], plan: LDSPlan,
@@ -43,7 +35,7 @@ def target_gradients(store: FeatureStore, targets: Sequence[Trajectory], steps: 
     """``(B * S, d)`` projected gradients of the step output at the store's checkpoint (rows target-major)."""
     module = load_diffusion_module(store.meta["checkpoint"]["file"])
     task, model = module.attribution_task(), module.attribution_denoiser(plan.use_ema).eval()
-    x_t = recorded_x_t(targets, steps)
+    x_t = recorded_at(targets, steps, "x_t")
     B, S = x_t.shape[:2]
     x_t = x_t.reshape(B * S, *x_t.shape[2:])
     t = torch.tensor(list(steps)).repeat(B)
@@ -53,20 +45,15 @@ def target_gradients(store: FeatureStore, targets: Sequence[Trajectory], steps: 
         estimate = x0_hat(x_t, task.predict_noise(model, x_t, t, cond), t, task.alphas_cumprod)
     output = StepOutput(plan.num_draws, plan.draw_seed, kind=kind, share_noise=plan.share_noise)
     with torch.enable_grad():
-        return featurize_batch_auto(task, model, output, projector_from_meta(store.meta["projector"], model),
+        return featurize_batch(task, model, output, projector_from_meta(store.meta["projector"], model),
                                     estimate, keys, cond=cond, steps=t, param_names=store.meta.get("param_names"))
 
 
-def trak_scores(stores: Sequence[FeatureStore], grads: Sequence[torch.Tensor], lambdas: Sequence[float],
+def trak_scores(stores: Sequence[FeatureStore], grads: Sequence[torch.Tensor], relative_lambdas: Sequence[float],
                 B: int, S: int) -> torch.Tensor:
     """``(L, N, B, S)`` checkpoint-averaged scores, one slice per relative ridge."""
-    kernels = [load_kernel(s) for s in stores]
-    out = []
-    for lam in lambdas:
-        lams = [relative_lambda(k, lam) for k in kernels]
-        blocks = iter_score_blocks(stores, grads, lams, kernels=kernels)
-        out.append(torch.cat([b.float() for _, _, b in blocks]).reshape(-1, B, S))
-    return torch.stack(out)
+    sweep = lambda_sweep(stores, grads, relative_lambdas, relative=True, dtype=torch.float32)
+    return sweep.reshape(len(relative_lambdas), -1, B, S)
 
 
 def cached_gradients(plan: LDSPlan, stores: Sequence[FeatureStore], targets: Sequence[Trajectory],
@@ -78,9 +65,7 @@ def cached_gradients(plan: LDSPlan, stores: Sequence[FeatureStore], targets: Seq
     if path.exists():
         return torch.load(path, weights_only=False)
     grads = [target_gradients(store, targets, steps, plan, kind) for store in stores]
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(grads, path.with_suffix(".tmp"))
-    path.with_suffix(".tmp").replace(path)
+    atomic_torch_save(grads, path)
     return grads
 
 
@@ -94,19 +79,19 @@ def dataset_arrays(datamodule) -> tuple[torch.Tensor, torch.Tensor]:
 
 def method_scores(method: str, plan: LDSPlan, stores, targets: Sequence[Trajectory], steps: Sequence[int],
                   images: torch.Tensor, classifier, cache_dir: Path) -> torch.Tensor:
-    """``(L, N, B, S)`` for a TRAK method (L = len(plan.lambdas)), ``(N, B, S)`` for a baseline."""
+    """``(L, N, B, S)`` for a TRAK method (L = len(plan.relative_lambdas)), ``(N, B, S)`` for a baseline."""
     B, S = len(targets), len(steps)
     if method.startswith("trak@"):
         name = method.split("@", 1)[1]
         extra = open_feature_stores(plan.extra_features[name], f"plan.extra_features.{name}")
-        return trak_scores(extra, cached_gradients(plan, extra, targets, steps, "loss", cache_dir), plan.lambdas, B, S)
+        return trak_scores(extra, cached_gradients(plan, extra, targets, steps, "loss", cache_dir), plan.relative_lambdas, B, S)
     if method in TRAK_METHODS:
         kind, last = TRAK_METHODS[method]
         use = list(stores[-last:]) if last else list(stores)
         grads = cached_gradients(plan, stores, targets, steps, kind, cache_dir)
         grads = grads[-last:] if last else grads
-        return trak_scores(use, grads, plan.lambdas, B, S)
-    x0 = stacked_x0_hat(targets, steps)
+        return trak_scores(use, grads, plan.relative_lambdas, B, S)
+    x0 = recorded_at(targets, steps, "x0_hat")
     flat = x0.reshape(B * S, *x0.shape[2:])
     if method == "pixel":
         scores = pixel_cosine_scores(images, flat)
@@ -131,5 +116,5 @@ def dataset_classifier(datamodule, plan: LDSPlan, cache_dir: Path):
         accuracy = float((classifier(images).argmax(1) == labels).float().mean())
     log.info("classifier trained: train accuracy %.3f", accuracy)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(classifier, path)
+    atomic_torch_save(classifier, path)
     return classifier

@@ -56,7 +56,7 @@ class LDSPlan:
             projector: ``{"gaussian": "runs/x/features_gaussian"}``); method ``trak@<name>`` is TRAK (Eq. 3)
             on every store of that folder, scored exactly like ``trak``.
         paired_versus: methods every other method is compared with (paired differences over targets).
-        lambdas: candidate ridge values, relative to each kernel's mean eigenvalue.
+        relative_lambdas: candidate ridge values, relative to each kernel's mean eigenvalue.
         lambda_per_step: choose lambda per step (else one for all steps).
         heldout_fraction: share of the targets that choose lambda (never reported).
         split_seed: seed of the held-out / report split of the targets.
@@ -98,7 +98,7 @@ class LDSPlan:
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     extra_features: dict[str, str] = field(default_factory=dict)
     paired_versus: list[str] = field(default_factory=lambda: ["pixel"])
-    lambdas: list[float] = field(default_factory=lambda: [1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0])
+    relative_lambdas: list[float] = field(default_factory=lambda: [1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0])
     lambda_per_step: bool = False
     heldout_fraction: float = 0.5
     split_seed: int = 0
@@ -132,8 +132,9 @@ class LDSPlan:
         if unknown:
             raise ValueError(f"Expected `plan.methods` and `plan.cf_methods` among {sorted(known)} (trak@<name> "
                              f"needs `plan.extra_features.<name>`), but got {unknown}")
-        if not self.lambdas or min(self.lambdas) <= 0:
-            raise ValueError(f"Expected `plan.lambdas` to be positive relative ridges, but got {self.lambdas}")
+        if not self.relative_lambdas or min(self.relative_lambdas) <= 0:
+            raise ValueError(f"Expected `plan.relative_lambdas` to be positive relative ridges, but got "
+                             f"{self.relative_lambdas}")
         if self.runner not in ("subprocess", "inprocess"):
             raise ValueError(f"Expected `plan.runner` to be 'subprocess' or 'inprocess', but got {self.runner!r}")
 

@@ -14,13 +14,14 @@ from typing import Optional, Sequence
 import torch
 
 from attribution import StepOutput
-from attribution.trajectory import Trajectory
-from lightning_modules.lds_plan import LDSPlan, settings_hash
-from lightning_modules.lds_sweep import done_record
+from attribution.atomic import atomic_torch_save
+from attribution.trajectory import Trajectory, recorded_at
+from evaluation.plan import LDSPlan, settings_hash
+from evaluation.sweep import done_record
 from lightning_modules.loading import load_diffusion_module
 
 
-def step_index(targets: Sequence[Trajectory], steps: Optional[Sequence[int]]) -> list[int]:
+def evaluated_steps(targets: Sequence[Trajectory], steps: Optional[Sequence[int]]) -> list[int]:
     """The evaluated timesteps: ``steps`` (each recorded in every target) or the first target's recorded steps."""
     recorded = [int(t) for t in targets[0].timesteps]
     for traj in targets[1:]:
@@ -34,15 +35,6 @@ def step_index(targets: Sequence[Trajectory], steps: Optional[Sequence[int]]) ->
     return wanted
 
 
-def stacked_x0_hat(targets: Sequence[Trajectory], steps: Sequence[int]) -> torch.Tensor:
-    """``(B, S, C, H, W)`` recorded x0_hat_t of every target at ``steps``."""
-    rows = []
-    for traj in targets:
-        where = [int((traj.timesteps == t).nonzero()[0]) for t in steps]
-        rows.append(traj.x0_hat[where])
-    return torch.stack(rows)
-
-
 @torch.no_grad()
 def step_outputs(module, targets: Sequence[Trajectory], steps: Sequence[int], plan: LDSPlan,
                  kind: str = "loss") -> torch.Tensor:
@@ -50,7 +42,7 @@ def step_outputs(module, targets: Sequence[Trajectory], steps: Sequence[int], pl
     task, model = module.attribution_task(), module.attribution_denoiser(plan.use_ema).eval()
     device = next(model.parameters()).device
     output = StepOutput(plan.num_draws, plan.draw_seed, kind=kind, share_noise=plan.share_noise)
-    x0 = stacked_x0_hat(targets, steps).to(device)
+    x0 = recorded_at(targets, steps, "x0_hat").to(device)
     B, S = x0.shape[:2]
     keys = torch.tensor([t.target_id for t in targets]).repeat_interleave(S)
     t = torch.tensor(list(steps)).repeat(B)
@@ -71,10 +63,8 @@ def model_outputs(folder: Path, targets: Sequence[Trajectory], steps: Sequence[i
     record = done_record(folder)
     module = load_diffusion_module(record["checkpoint"])
     values = step_outputs(module, targets, steps, plan)
-    tmp = cache.with_suffix(".tmp")
-    torch.save({"outputs": values, "settings": plan.output_settings(), "steps": list(steps),
-                "target_ids": [t.target_id for t in targets], "checkpoint": record["checkpoint"]}, tmp)
-    tmp.replace(cache)
+    atomic_torch_save({"outputs": values, "settings": plan.output_settings(), "steps": list(steps),
+                       "target_ids": [t.target_id for t in targets], "checkpoint": record["checkpoint"]}, cache)
     return values, True
 
 

@@ -12,17 +12,17 @@ from lightning.pytorch import Trainer, seed_everything
 from attribution import FeatureStore, StepOutput, dense_scores_float64, featurize_batch, load_kernel, x0_hat
 from attribution.trajectory import load_targets, save_targets
 from callbacks import TrakFeaturizeCallback
-from callbacks.featurizer import FeaturizeSettings, projector_from_meta
-from callbacks.patches import load_patch
+from attribution.featurize import FeaturizeSettings, projector_from_meta
+from attribution.patches import load_patch
 from cli import main
 from conftest import CONFIGS
 from datamodules import DigitsDataModule
 from helpers import fit_trainer, small_data
 from lightning_modules import AttributionModule, LDMModule, VAEModule
-from lightning_modules.attribution_module import open_feature_stores
-from lightning_modules.checkpoint_meta import CheckpointMismatchError
+from attribution.store import open_feature_stores
+from attribution.identity import CheckpointMismatchError
 from lightning_modules.loading import load_diffusion_module
-from lightning_modules.text_encoder import FrozenTextEncoder
+from attribution.text_encoder import FrozenTextEncoder
 from lightning_modules.vae import encode_latents, load_vae, vae_hash
 
 TEMPLATE = "a handwritten digit {label}"
@@ -100,7 +100,7 @@ def test_text_encoder_states_do_not_depend_on_the_batch():
 def test_a_clip_text_encoder_loads_from_a_local_folder(tmp_path):
     from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
 
-    from lightning_modules.text_encoder import default_text_encoder_path
+    from attribution.text_encoder import default_text_encoder_path
 
     config = CLIPTextConfig(vocab_size=30522, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
                             num_attention_heads=4, max_position_embeddings=16)
@@ -177,9 +177,9 @@ def test_guidance_weight_one_is_the_conditional_and_zero_the_unconditional(chain
 def test_scores_equal_the_core_api_with_the_prompt_and_pictures_are_written(chain):
     root, dm, _, _ = chain
     module = AttributionModule(features=str(root / "fit" / "features"), targets=str(root / "targets"),
-                               out_dir=str(root / "scores"), num_draws=3, lam=0.5, topk=3, pair_batch_size=2)
+                               out_dir=str(root / "scores"), num_draws=3, relative_lam=0.5, topk=3, pair_batch_size=2)
     Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, inference_mode=False).predict(
-        module, datamodule=dm, return_predictions=False)
+        module.attach_data(dm), return_predictions=False)
     result = torch.load(root / "scores" / "target_0000.pt", weights_only=False)
     assert result["scores"].shape == (60, 3)
     traj = load_targets(root / "targets", [0])[0]

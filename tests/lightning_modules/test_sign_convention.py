@@ -33,9 +33,9 @@ def test_nearest_training_image_of_a_memorized_sample_is_the_top_positive_influe
     assert (distances.min(1).values * 5 < distances.sort(1).values[:, 1]).all()  # the samples are memorized
     save_targets(from_samples(result), tmp_path / "targets")
     scoring = AttributionModule(features=str(tmp_path / "features"), targets=str(tmp_path / "targets"),
-                                num_draws=32, lam=0.1, steps=STEPS)
+                                num_draws=32, relative_lam=0.1, steps=STEPS)
     Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, inference_mode=False).predict(
-        scoring, datamodule=dm, return_predictions=False)
+        scoring.attach_data(dm), return_predictions=False)
     top1 = positive = 0
     for target in range(3):
         scores = torch.load(tmp_path / "scores" / f"target_{target:04d}.pt", weights_only=False)["scores"]

@@ -13,11 +13,11 @@ import torch
 import yaml
 
 from helpers import small_data
-from lightning_modules.lds_outputs import collect_outputs, step_index
-from lightning_modules.lds_plan import LDSPlan
-from lightning_modules.lds_sweep import DONE
-from lightning_modules.lds_workflow import LDS_SUBCOMMANDS
-from lightning_modules.trainer import PROJECT_SUBCOMMANDS
+from evaluation.outputs import collect_outputs, evaluated_steps
+from evaluation.plan import LDSPlan
+from evaluation.sweep import DONE
+from commands.lds import LDS_SUBCOMMANDS
+from commands.trainer import PROJECT_SUBCOMMANDS
 from attribution.trajectory import load_targets
 from cli import main
 
@@ -69,7 +69,7 @@ def chain(tmp_path_factory):
         os.chdir(cwd)
     plan = {"out_dir": str(tmp / "lds"), "fit_config": [config], "num_masks": 4, "replicate_masks": 3,
             "features": str(tmp / "features"), "targets": str(tmp / "targets"), "num_draws": 2,
-            "lambdas": [0.01, 1.0, 100.0], "runner": "inprocess", "workers": 1, "classifier_epochs": 1,
+            "relative_lambdas": [0.01, 1.0, 100.0], "runner": "inprocess", "workers": 1, "classifier_epochs": 1,
             "cf_targets": 1, "cf_step": 500, "forget_step": 500, "cf_ks": [5], "cf_methods": ["trak", "random"],
             "num_completions": 4, "consistency_seeds": 1}
     plan_file = tmp / "plan.yaml"
@@ -125,15 +125,15 @@ def test_actual_outputs_are_cached_and_reused(chain):
     assert reps.shape == (2, 4, 4, 2) and torch.isfinite(reps[0]).all() and torch.isfinite(reps[1, :3]).all()
     plan = LDSPlan(**yaml.safe_load(open(chain["plan"])))
     targets = load_targets(plan.targets)
-    again = collect_outputs(plan, targets, step_index(targets, plan.steps))
+    again = collect_outputs(plan, targets, evaluated_steps(targets, plan.steps))
     assert again["computed"] == 0 and again["cached"] == 7
     assert torch.equal(again["replicates"].nan_to_num(-1), reps.nan_to_num(-1))
     cache = next((chain["root"] / "models" / "mask_000_seed_0").glob("outputs_*.pt"))
     cache.write_bytes(b"")  # a damaged cache would be read: prove the cached file, not a recomputation, is used
     with pytest.raises(Exception):
-        collect_outputs(plan, targets, step_index(targets, plan.steps))
+        collect_outputs(plan, targets, evaluated_steps(targets, plan.steps))
     cache.unlink()
-    assert collect_outputs(plan, targets, step_index(targets, plan.steps))["computed"] == 1
+    assert collect_outputs(plan, targets, evaluated_steps(targets, plan.steps))["computed"] == 1
 
 
 def test_report_tables_have_finite_values_and_expected_rows(chain):

@@ -1,7 +1,8 @@
 """The small protocol a LightningModule implements to be featurized and scored.
 
 Three methods, all cheap. Our ``DDPMModule`` and ``LDMModule`` implement them; a foreign
-LightningModule plugs in by adding them (see the README and ``tests/test_featurize_callback.py``)::
+LightningModule plugs in by adding them (see the README "Plugging the callback into your own Lightning
+project" and ``tests/callbacks/test_featurize.py``)::
 
     def attribution_task(self) -> attribution.DiffusionTask:
         return DiffusionTask.from_scheduler(self.scheduler)    # how to call the denoiser
@@ -39,5 +40,5 @@ def check_protocol(module: Any) -> AttributableDiffusion:
     if missing:
         raise TypeError(
             f"Expected the LightningModule to implement the attribution protocol ({', '.join(METHODS)}), but "
-            f"{type(module).__name__} lacks {', '.join(missing)}. See callbacks/protocol.py for the three methods.")
+            f"{type(module).__name__} lacks {', '.join(missing)}. See attribution/protocol.py for the three methods.")
     return module

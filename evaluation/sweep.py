@@ -21,8 +21,11 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningCLI
 
-from attribution.store import atomic_write_json
+from attribution.atomic import atomic_write_json
+from evaluation.plan import LDSPlan
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,9 +99,9 @@ def run_job(job: FitJob, fit_config: Sequence[str], fit_args: Sequence[str], run
         if proc.returncode != 0:
             raise RuntimeError(f"`cli.py {' '.join(args)}` failed with exit code {proc.returncode}; "
                                f"see {job.folder / 'fit.log'}")
-    else:
-        from cli import main  # late: cli imports the trainer, which imports this workflow
-        main(args)
+    else:  # the same `fit` in this process (plain LightningCLI: `fit` needs none of the project's subcommands)
+        LightningCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                     save_config_kwargs={"overwrite": True}, args=args)
     seconds = time.perf_counter() - start
     _mark_done(job, seconds, keep_checkpoints)
     return seconds
@@ -131,3 +134,14 @@ def done_record(folder: Path) -> Optional[dict]:
     import json
     path = Path(folder) / DONE
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def sweep_jobs(plan: LDSPlan, mask_files: list[Path], mask_start: int, mask_stop: Optional[int]) -> list[FitJob]:
+    stop = plan.num_masks if mask_stop is None else min(mask_stop, plan.num_masks)
+    if not 0 <= mask_start < stop:
+        raise ValueError(f"Expected 0 <= `mask_start` < `mask_stop` <= num_masks = {plan.num_masks}, "
+                         f"but got {mask_start} and {mask_stop}")
+    return [FitJob(f"mask_{j:03d}_seed_{r}", mask_files[j], plan.training_seed(j, r), plan.model_dir(j, r),
+                   {"mask": j, "seed_index": r})
+            for r in range(max(plan.seeds_for(j) for j in range(plan.num_masks)))
+            for j in range(mask_start, stop) if r < plan.seeds_for(j)]

@@ -18,7 +18,7 @@ from attribution import (choose_lambda_heldout, lds_per_lambda, lds_table, linea
                          paired_difference, seed_noise_ceiling, split_targets, write_table)
 from attribution.lds import LambdaChoice, LDSResult, nan_mean_se
 from attribution.plots import plot_lambda_sweep, plot_lds_vs_step
-from lightning_modules.lds_plan import TRAK_METHODS
+from evaluation.plan import TRAK_METHODS
 
 
 def masks_matrix(mask_files: Sequence[Path]) -> torch.Tensor:

@@ -12,8 +12,8 @@ import torch
 from lightning.pytorch import LightningModule
 from torch.utils.data import DataLoader
 
-from callbacks.featurizer import CheckpointFeaturizer
-from lightning_modules.checkpoint_meta import data_identity
+from attribution.featurize import CheckpointFeaturizer
+from attribution.identity import data_identity
 
 
 class FeaturizeRunner(LightningModule):

@@ -6,9 +6,9 @@
     cli.py counterfactual  --config configs/lds_digits.yaml --plan configs/lds/digits.yaml
 
 ``--config`` is the model/data configuration (the same file every subset model is fit with);
-``--plan`` holds the :class:`~lightning_modules.lds_plan.LDSPlan` (or give ``--plan.<field>`` flags).
-Each method is a few lines over ``lds_sweep`` (training), ``lds_outputs`` (actual outputs),
-``lds_methods`` + ``lds_report`` (scores and LDS) and ``lds_counterfactual``.
+``--plan`` holds the :class:`~evaluation.plan.LDSPlan` (or give ``--plan.<field>`` flags).
+Each method is a few lines over the ``evaluation`` package: ``sweep`` (training), ``outputs`` (actual
+outputs), ``methods`` + ``report`` (scores and LDS) and ``counterfactual``.
 """
 from __future__ import annotations
 
@@ -21,18 +21,17 @@ import torch
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 
+from attribution.identity import check_checkpoint
 from attribution.masks import write_random_masks
-from attribution.plots import plot_counterfactual_bars, plot_feature_formation
-from attribution.store import atomic_write_json
+from attribution.atomic import atomic_torch_save, atomic_write_json
+from attribution.store import open_feature_stores
 from attribution.trajectory import load_targets
-from attribution.lds import write_table
-from lightning_modules import lds_counterfactual as cf
-from lightning_modules.attribution_module import open_feature_stores
-from lightning_modules.lds_methods import dataset_arrays, dataset_classifier, method_scores
-from lightning_modules.lds_outputs import averaged_outputs, collect_outputs, replicate_block, step_index
-from lightning_modules.lds_plan import LDSPlan
-from lightning_modules.lds_report import build_report, chosen_scores, masks_matrix, write_report
-from lightning_modules.lds_sweep import FitJob, done_record, run_jobs
+from evaluation import counterfactual as cf
+from evaluation.methods import dataset_arrays, dataset_classifier, method_scores
+from evaluation.outputs import averaged_outputs, collect_outputs, replicate_block, evaluated_steps
+from evaluation.plan import LDSPlan
+from evaluation.report import build_report, chosen_scores, masks_matrix, write_report
+from evaluation.sweep import FitJob, done_record, run_jobs, sweep_jobs
 from lightning_modules.loading import load_diffusion_module
 
 LDS_SUBCOMMANDS: dict[str, set[str]] = {
@@ -41,17 +40,6 @@ LDS_SUBCOMMANDS: dict[str, set[str]] = {
     "lds_report": {"model", "datamodule"},
     "counterfactual": {"model", "datamodule"},
 }
-
-
-def sweep_jobs(plan: LDSPlan, mask_files: list[Path], mask_start: int, mask_stop: Optional[int]) -> list[FitJob]:
-    stop = plan.num_masks if mask_stop is None else min(mask_stop, plan.num_masks)
-    if not 0 <= mask_start < stop:
-        raise ValueError(f"Expected 0 <= `mask_start` < `mask_stop` <= num_masks = {plan.num_masks}, "
-                         f"but got {mask_start} and {mask_stop}")
-    return [FitJob(f"mask_{j:03d}_seed_{r}", mask_files[j], plan.training_seed(j, r), plan.model_dir(j, r),
-                   {"mask": j, "seed_index": r})
-            for r in range(max(plan.seeds_for(j) for j in range(plan.num_masks)))
-            for j in range(mask_start, stop) if r < plan.seeds_for(j)]
 
 
 class LDSCommands:
@@ -90,13 +78,12 @@ class LDSCommands:
         """
         plan.require("targets")
         targets = load_targets(plan.targets, plan.target_ids)
-        steps = step_index(targets, plan.steps)
+        steps = evaluated_steps(targets, plan.steps)
         start = time.perf_counter()
         result = collect_outputs(plan, targets, steps, range(mask_start, mask_stop or plan.num_masks))
         path = plan.root / "outputs" / "actual.pt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"replicates": result["replicates"], "steps": steps,
-                    "target_ids": [t.target_id for t in targets]}, path)
+        atomic_torch_save({"replicates": result["replicates"], "steps": steps,
+                           "target_ids": [t.target_id for t in targets]}, path)
         rank_zero_info(f"lds_outputs: {result['computed']} models evaluated, {result['cached']} read from cache in "
                        f"{time.perf_counter() - start:.1f} s -> {path}")
         return path
@@ -105,12 +92,12 @@ class LDSCommands:
         """Scores of every method, LDS per step (held-out lambda; oracle beside it), ceiling, tables and plots.
 
         Args:
-            plan: the evaluation plan (features, targets, methods, lambdas, split).
+            plan: the evaluation plan (features, targets, methods, relative_lambdas, split).
         """
         plan.require("targets", "features")
         out = plan.root / "report"
         targets = load_targets(plan.targets, plan.target_ids)
-        steps = step_index(targets, plan.steps)
+        steps = evaluated_steps(targets, plan.steps)
         replicates = collect_outputs(plan, targets, steps)["replicates"]
         actual = averaged_outputs(plan, replicates)
         masks = masks_matrix([plan.mask_dir() / f"mask_{j:03d}.npy" for j in range(plan.num_masks)])
@@ -119,12 +106,12 @@ class LDSCommands:
         stores = open_feature_stores(plan.features, "plan.features")
         scores = {m: method_scores(m, plan, stores, targets, steps, images, classifier, out / "cache")
                   for m in plan.methods}
-        report = build_report(scores, masks, actual, replicate_block(plan, replicates), steps, plan.lambdas,
+        report = build_report(scores, masks, actual, replicate_block(plan, replicates), steps, plan.relative_lambdas,
                               plan.split_seed, plan.heldout_fraction, plan.lambda_per_step, plan.seeds_per_mask,
                               plan.paired_versus)
         write_report(report, steps, out, getattr(self, "logger", None))
         chosen = {m: chosen_scores(scores[m], report["results"][m]) for m in scores}
-        torch.save({"scores": chosen, "steps": steps, "target_ids": [t.target_id for t in targets],
+        atomic_torch_save({"scores": chosen, "steps": steps, "target_ids": [t.target_id for t in targets],
                     "heldout": report["heldout"], "report": report["report"]}, out / "chosen_scores.pt")
         atomic_write_json(out / "plan.json", plan.describe())
         rank_zero_info(f"lds_report: {len(report['tables']['lds'])} rows -> {out / 'lds.csv'}")
@@ -155,30 +142,13 @@ class LDSCommands:
         formation_steps = plan.formation_steps or steps
         report_targets = [targets[b] for b in report]
         formation = cf.feature_formation(plan, report_targets, formation_steps, original, classifier, n_steps)
-        _write_counterfactual(out, rows, summary, consistency_rows, formation, formation_steps, report_targets)
+        cf.write_counterfactual(out, rows, summary, consistency_rows, formation, formation_steps, report_targets)
         rank_zero_info(f"counterfactual: {len(rows)} retrained models measured -> {out}")
         return out
 
 
-def _write_counterfactual(out: Path, rows, summary, consistency_rows, formation, steps, targets) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    for name, table in (("per_target", rows), ("counterfactual", summary), ("seed_consistency", consistency_rows)):
-        if table:
-            write_table(table, out / f"{name}.csv", out / f"{name}.json")
-    for metric in ("fid", "completion_l2", "forgetting_l2"):
-        bars = [r for r in summary if r["metric"] == metric]
-        if bars:
-            plot_counterfactual_bars(bars, out / f"{metric}.png", metric=metric)
-    formation_rows = [{"target_id": t.target_id, "step": int(s), "fraction_in_final_class": float(formation[b, i])}
-                      for b, t in enumerate(targets) for i, s in enumerate(steps)]
-    write_table(formation_rows, out / "feature_formation.csv", out / "feature_formation.json")
-    plot_feature_formation(steps, formation, out / "feature_formation.png",
-                           labels=[f"target {t.target_id}" for t in targets])
-
-
 def _check_first(jobs: list[FitJob], model: LightningModule, datamodule: LightningDataModule) -> None:
     """The trained checkpoints must belong to the configured model and data (`--config` vs `plan.fit_config`)."""
-    from lightning_modules.trainer import check_checkpoint
     for job in jobs:
         record = done_record(job.folder)
         if record is not None:

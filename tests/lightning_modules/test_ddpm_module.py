@@ -7,7 +7,7 @@ from lightning.pytorch import Callback, Trainer
 
 from datamodules import ArrayDataModule, DigitsDataModule
 from lightning_modules import DDPMModule
-from lightning_modules.checkpoint_meta import CheckpointMismatchError, check_identity
+from attribution.identity import CheckpointMismatchError, check_identity
 from lightning_modules.ddpm import warmup_cosine
 
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from attribution.baselines import (SmallConvClassifier, class_fraction, classifier_features, embedding_cosine_scores,
                                    fid_from_features, pixel_cosine_scores, random_scores, topk_indices,
-                                   torchmetrics_fid, train_classifier)
+                                   train_classifier)
 
 F64 = torch.float64
 
@@ -156,10 +156,29 @@ def test_fid_known_cases():
         fid_from_features(a, a[:, :3])
 
 
-def test_torchmetrics_fid_with_the_classifier_agrees(digits, classifier):
+class _EmbedFeatures(torch.nn.Module):
+    """``classifier.embed`` as torchmetrics' custom feature extractor (``num_features``, always eval)."""
+
+    def __init__(self, classifier) -> None:
+        super().__init__()
+        self.classifier = classifier.eval()
+        self.num_features = classifier.num_features
+
+    def forward(self, x):
+        with torch.no_grad():
+            return self.classifier.embed(x)
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+
+def test_fid_agrees_with_torchmetrics_on_the_classifier_features(digits, classifier):
+    """The independent reference: torchmetrics' FID (offline with a custom extractor) on the same images."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
     images, labels, _, test = digits
     real, fake = images[test][:150], images[test][labels[test] < 5][:120]
-    metric = torchmetrics_fid(classifier)
+    metric = FrechetInceptionDistance(feature=_EmbedFeatures(classifier), normalize=True)
     metric.update(real, real=True)
     metric.update(fake, real=False)
     got = float(metric.compute())

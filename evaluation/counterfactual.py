@@ -25,11 +25,13 @@ import numpy as np
 import torch
 
 from attribution import class_fraction, classifier_features, fid_from_features
-from attribution.lds import nan_mean_se
+from attribution.atomic import atomic_save_npy
+from attribution.lds import nan_mean_se, write_table
+from attribution.plots import plot_counterfactual_bars, plot_feature_formation
 from attribution.sampling import ddpm_sample
 from attribution.trajectory import Trajectory
-from lightning_modules.lds_plan import LDSPlan
-from lightning_modules.lds_sweep import FitJob, done_record
+from evaluation.plan import LDSPlan
+from evaluation.sweep import FitJob, done_record
 from lightning_modules.loading import load_diffusion_module
 
 COMPLETION_SEED = 1_000_000
@@ -86,9 +88,8 @@ def removal_jobs(plan: LDSPlan, scores: dict, targets: Sequence[Trajectory], ste
                     keep = np.ones(num_examples, dtype=bool)
                     keep[torch.topk(scores[method][:, b, s], k).indices.numpy()] = False
                     mask_file = root / "masks" / f"{name}.npy"
-                    mask_file.parent.mkdir(parents=True, exist_ok=True)
                     if not mask_file.exists():
-                        np.save(mask_file, keep)
+                        atomic_save_npy(mask_file, keep)
                     jobs.append(FitJob(name, mask_file, plan.seed, root / "models" / name,
                                        {"step": t, "target_id": tid, "target_index": int(b), "method": method, "k": k}))
     return jobs
@@ -116,7 +117,7 @@ def measure_removals(plan: LDSPlan, jobs: Sequence[FitJob], targets: Sequence[Tr
         retrained = noise_fn(load_diffusion_module(record["checkpoint"]), plan.use_ema)
         row = {"method": info["method"], "k": info["k"], "step": t, "target_id": info["target_id"]}
         if t == plan.cf_step:
-            x_t = traj.x_t[int((traj.timesteps == t).nonzero()[0])]
+            x_t = traj.x_t[traj.position(t)]
             key = (traj.target_id, t)
             if key not in reference:
                 reference[key] = completions(orig, scheduler, x_t, t, plan.num_completions, num_inference_steps)
@@ -176,7 +177,23 @@ def feature_formation(plan: LDSPlan, targets: Sequence[Trajectory], steps: Seque
     out = torch.full((len(targets), len(steps)), math.nan)
     for s, t in enumerate(steps):
         for b, traj in enumerate(targets):
-            x_t = traj.x_t[int((traj.timesteps == t).nonzero()[0])]
+            x_t = traj.x_t[traj.position(t)]
             images = completions(orig, original.noise_scheduler, x_t, t, plan.num_completions, num_inference_steps)
             out[b, s] = class_fraction(classifier, images, int(final_class[b]))
     return out
+
+
+def write_counterfactual(out: Path, rows, summary, consistency_rows, formation, steps, targets) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for name, table in (("per_target", rows), ("counterfactual", summary), ("seed_consistency", consistency_rows)):
+        if table:
+            write_table(table, out / f"{name}.csv", out / f"{name}.json")
+    for metric in ("fid", "completion_l2", "forgetting_l2"):
+        bars = [r for r in summary if r["metric"] == metric]
+        if bars:
+            plot_counterfactual_bars(bars, out / f"{metric}.png", metric=metric)
+    formation_rows = [{"target_id": t.target_id, "step": int(s), "fraction_in_final_class": float(formation[b, i])}
+                      for b, t in enumerate(targets) for i, s in enumerate(steps)]
+    write_table(formation_rows, out / "feature_formation.csv", out / "feature_formation.json")
+    plot_feature_formation(steps, formation, out / "feature_formation.png",
+                           labels=[f"target {t.target_id}" for t in targets])

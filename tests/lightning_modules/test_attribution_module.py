@@ -10,13 +10,13 @@ from lightning.pytorch import Trainer, seed_everything
 from attribution import FeatureStore, StepOutput, dense_scores_float64, featurize_batch, load_kernel, x0_hat
 from attribution.trajectory import from_samples, load_targets, save_targets
 from callbacks import TrakFeaturizeCallback
-from callbacks.featurizer import projector_from_meta
+from attribution.featurize import projector_from_meta
 from helpers import fit_trainer, small_data, tiny_module
 from lightning_modules import AttributionModule
-from lightning_modules.attribution_module import open_feature_stores
+from attribution.store import open_feature_stores
 from lightning_modules.loading import load_diffusion_module
 
-SCORE = dict(num_draws=4, lam=0.5, topk=3, pair_batch_size=3)
+SCORE = dict(num_draws=4, relative_lam=0.5, topk=3, pair_batch_size=3)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def predict(run, out, **kw):
                                out_dir=str(root / out), **{**SCORE, **kw})
     trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, inference_mode=False,
                       **kw.pop("trainer", {}) if "trainer" in kw else {})
-    trainer.predict(module, datamodule=dm, return_predictions=False)
+    trainer.predict(module.attach_data(dm), return_predictions=False)
     return module
 
 
@@ -61,7 +61,7 @@ def reference_scores(root, target, step_index, mask=None):
         out = StepOutput(SCORE["num_draws"], 0, mask=mask)
         g = featurize_batch(task, net, out, projector_from_meta(store.meta["projector"]), estimate,
                             torch.tensor([target]), steps=t)
-        lam = SCORE["lam"] * float(load_kernel(store).eigenvalues.mean())
+        lam = SCORE["relative_lam"] * float(load_kernel(store).eigenvalues.mean())
         per_store.append(dense_scores_float64(store.read(dtype=torch.float64), g.double(), lam)[:, 0])
     return torch.stack(per_store).mean(0)
 
@@ -126,7 +126,7 @@ def test_ddp_predict_equals_one_process(run):
     module = AttributionModule(features=str(root / "fit" / "features"), targets=str(root / "targets"),
                                out_dir=str(root / "ddp"), **SCORE)
     Trainer(accelerator="cpu", strategy="ddp_fork", devices=2, logger=False, enable_progress_bar=False,
-            inference_mode=False).predict(module, datamodule=dm, return_predictions=False)
+            inference_mode=False).predict(module.attach_data(dm), return_predictions=False)
     for target in (0, 1):
         single, ddp = scores_of(root, "single", target), scores_of(root, "ddp", target)
         assert torch.allclose(single["scores"], ddp["scores"], rtol=1e-5, atol=1e-6)

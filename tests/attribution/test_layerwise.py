@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from attribution import StepOutput, TrainLoss, featurize_batch, loop_gradients, per_example_gradients
-from attribution.fastpath import CPU_VMAP_MAX_PARAMS, choose_gradient_path, featurize_batch_auto
+from attribution.fastpath import CPU_VMAP_MAX_PARAMS, choose_gradient_path
 from attribution.layerwise import LayerwiseProjector, _rows_loss, featurize_batch_layerwise, layer_groups
 from attribution.sparse_fast import HashedSparseProjector
 from attribution.task import math_attention
@@ -184,10 +184,10 @@ def test_gradient_path_choice_and_auto_featurize(task):
     x0 = random_inputs(3)[0].float()
     out = TrainLoss(num_draws=2, seed=0)
     proj = HashedSparseProjector(sum(p.numel() for p in model.parameters()), 32, seed=0)
-    ref = featurize_batch(task, model, out, proj, x0, torch.arange(3))
+    ref = featurize_batch(task, model, out, proj, x0, torch.arange(3), gradient_path="vmap")
     for path in ("vmap", "loop", "auto"):
-        torch.testing.assert_close(featurize_batch_auto(task, model, out, proj, x0, torch.arange(3),
-                                                        gradient_path=path), ref, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(featurize_batch(task, model, out, proj, x0, torch.arange(3),
+                                                   gradient_path=path), ref, rtol=1e-4, atol=1e-5)
     lw = LayerwiseProjector(model, d=200, seed=0)
-    torch.testing.assert_close(featurize_batch_auto(task, model, out, lw, x0, torch.arange(3)),
+    torch.testing.assert_close(featurize_batch(task, model, out, lw, x0, torch.arange(3)),
                                featurize_batch_layerwise(task, model, out, lw, x0, torch.arange(3)))

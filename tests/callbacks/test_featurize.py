@@ -9,12 +9,13 @@ from diffusers import DDPMScheduler, UNet2DModel
 from lightning.pytorch import LightningModule, seed_everything
 
 from attribution import DiffusionTask, FeatureStore, StoreMismatchError, featurize_batch, load_kernel
-from callbacks import CheckpointFeaturizer, FeaturizeSettings, TrakFeaturizeCallback
-from callbacks.featurizer import projector_from_meta
+from attribution.featurize import CheckpointFeaturizer, FeaturizeSettings
+from callbacks import TrakFeaturizeCallback
+from attribution.featurize import projector_from_meta
 from cli import main
 from conftest import CONFIGS
 from helpers import fit_trainer, small_data, tiny_module, tiny_unet
-from lightning_modules.checkpoint_meta import CheckpointMismatchError, data_identity
+from attribution.identity import CheckpointMismatchError, data_identity
 
 SETTINGS = dict(proj_dim=32, num_draws=2, batch_size=64)
 
@@ -230,8 +231,8 @@ def test_layerwise_projector_through_the_featurizer_and_scoring(tmp_path):
     assert torch.allclose(store.read()[rows], ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
     save_targets(from_samples(module.sample([3], 5, record=True, record_steps=[800, 0])), tmp_path / "targets")
     scoring = AttributionModule(features=str(tmp_path / "run" / "features"), targets=str(tmp_path / "targets"),
-                                num_draws=2, lam=0.5)
+                                num_draws=2, relative_lam=0.5)
     Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, inference_mode=False).predict(
-        scoring, datamodule=dm, return_predictions=False)
+        scoring.attach_data(dm), return_predictions=False)
     scores = torch.load(tmp_path / "scores" / "target_0000.pt", weights_only=False)["scores"]
     assert scores.shape == (120, 2) and torch.isfinite(scores).all() and scores.abs().sum() > 0

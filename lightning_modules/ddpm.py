@@ -7,13 +7,13 @@ checkpoints can later be checked to belong together.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
+from diffusers.optimization import get_cosine_schedule_with_warmup
 from lightning.pytorch import LightningModule
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -24,12 +24,12 @@ from attribution.identity import data_identity, write_identity
 from attribution.images import save_grid
 
 
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
-    """LR multiplier: linear warmup to 1 over ``warmup_steps``, then cosine decay to ``min_ratio``."""
-    if step < warmup_steps:
-        return (step + 1) / max(1, warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, trainer, warmup_steps: int) -> dict:
+    """diffusers' linear warmup + cosine decay to 0 over the run's optimizer steps, stepped every step
+    (warmup capped at half the run)."""
+    total = max(1, int(trainer.estimated_stepping_batches))
+    schedule = get_cosine_schedule_with_warmup(optimizer, min(warmup_steps, total // 2), total)
+    return {"scheduler": schedule, "interval": "step"}
 
 
 class DDPMModule(LightningModule):
@@ -110,10 +110,7 @@ class DDPMModule(LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.unet.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = min(self.hparams.warmup_steps, total // 2)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup, total))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return {"optimizer": opt, "lr_scheduler": warmup_cosine_schedule(opt, self.trainer, self.hparams.warmup_steps)}
 
     # ----------------------------------------------------------------- sampling
     def sample(self, seeds, num_inference_steps: Optional[int] = None, **kwargs):

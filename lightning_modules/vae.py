@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from lightning.pytorch import LightningModule
 
-from lightning_modules.ddpm import warmup_cosine
+from lightning_modules.ddpm import warmup_cosine_schedule
 from attribution.identity import tensors_hash
 from attribution.images import save_grid
 
@@ -66,10 +66,7 @@ class VAEModule(LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.vae.parameters(), lr=self.hparams.lr)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = min(self.hparams.warmup_steps, total // 2)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup, total))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return {"optimizer": opt, "lr_scheduler": warmup_cosine_schedule(opt, self.trainer, self.hparams.warmup_steps)}
 
     def scaling_factor(self) -> float:
         return float(1.0 / self.latent_std.clamp(min=1e-6))

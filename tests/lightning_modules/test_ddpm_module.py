@@ -1,4 +1,6 @@
 """DDPMModule: fits on a mask, sees only the mask's indices, stamps checkpoints with the data identity."""
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +10,7 @@ from lightning.pytorch import Callback, Trainer
 from datamodules import ArrayDataModule, DigitsDataModule
 from lightning_modules import DDPMModule
 from attribution.identity import CheckpointMismatchError, check_identity
-from lightning_modules.ddpm import warmup_cosine
+from lightning_modules.ddpm import warmup_cosine_schedule
 
 
 def tiny_unet():
@@ -88,11 +90,23 @@ def test_sample_grid_is_written(tmp_path):
     assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
 
 
-def test_warmup_cosine_schedule():
-    assert warmup_cosine(0, 10, 100) == pytest.approx(0.1)
-    assert warmup_cosine(9, 10, 100) == pytest.approx(1.0)
-    assert warmup_cosine(55, 10, 100) == pytest.approx(0.5)
-    assert warmup_cosine(100, 10, 100) == pytest.approx(0.0)
+def _learning_rates(warmup_steps: int, total: int) -> list[float]:
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = warmup_cosine_schedule(opt, SimpleNamespace(estimated_stepping_batches=total), warmup_steps)
+    assert schedule["interval"] == "step"
+    rates = []
+    for _ in range(total + 1):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        schedule["scheduler"].step()
+    return rates
+
+
+def test_warmup_cosine_schedule_is_the_library_schedule():
+    rates = _learning_rates(10, 100)  # linear warmup from 0 over 10 steps, then cosine to 0 at step 100
+    assert rates[0] == 0.0 and rates[5] == pytest.approx(0.5) and rates[10] == pytest.approx(1.0)
+    assert rates[55] == pytest.approx(0.5) and rates[100] == pytest.approx(0.0, abs=1e-12)
+    assert _learning_rates(80, 100)[50] == pytest.approx(1.0)  # warmup capped at half the run
 
 
 @pytest.mark.parametrize("kw,name", [({"num_train_timesteps": 0}, "num_train_timesteps"),

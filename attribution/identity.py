@@ -17,8 +17,7 @@ import torch
 KEY = "attribution"
 
 
-class CheckpointMismatchError(ValueError):
-    """A checkpoint was made with other data than the one given now."""
+from .errors import CheckpointMismatchError  # noqa: E402  (re-exported: part of the project's error family)
 
 
 def data_identity(datamodule: Any) -> dict[str, Any]:
@@ -61,7 +60,7 @@ def tensors_hash(named_tensors: Iterable[tuple[str, torch.Tensor]], prefix: str 
     h = hashlib.sha256(prefix.encode())
     for name, tensor in named_tensors:
         h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-d too
     return h.hexdigest()[:16]
 
 
@@ -72,9 +71,11 @@ def weights_hash(model: torch.nn.Module, param_names: Optional[list[str]] = None
     return tensors_hash((name, params[name]) for name in parameter_order(model, param_names))
 
 
-def check_checkpoint(path: Path, model: torch.nn.Module, datamodule: Any) -> None:
-    """Refuse a checkpoint made with other data (N, fingerprint) or for another model configuration."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+def check_checkpoint(path: Path, model: torch.nn.Module, datamodule: Any) -> dict:
+    """Refuse a checkpoint made with other data (N, fingerprint) or for another model configuration;
+    returns the checkpoint (read once, checked readable, finite and matching its stamped checksum)."""
+    from attribution.integrity import read_checkpoint  # readable, finite, matching its stamped checksum
+    checkpoint = read_checkpoint(path)
     check_identity(checkpoint, datamodule, source=f"checkpoint {path}")
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     given = {k: tuple(v.shape) for k, v in checkpoint.get("state_dict", {}).items()}
@@ -88,3 +89,4 @@ def check_checkpoint(path: Path, model: torch.nn.Module, datamodule: Any) -> Non
             f"model's parameters, but missing {missing}, unexpected {unexpected}, shape differences {shapes}")
     if callable(getattr(model, "check_checkpoint", None)):  # module-specific checks (the LDM's VAE identity)
         model.check_checkpoint(checkpoint, source=f"checkpoint {path}")
+    return checkpoint

@@ -46,8 +46,7 @@ _HASH_CHARS = 16
 _SHOW = 5  # how many offending values an error message names
 
 
-class SubsetMaskError(ValueError):
-    """A subset mask file is missing, unreadable or does not describe a subset of the data."""
+from .errors import SubsetMaskError  # noqa: E402  (re-exported: part of the project's error family)
 
 
 def _expected(num_examples: int) -> str:
@@ -153,6 +152,13 @@ def _to_indices(array: np.ndarray, path: PathLike, num_examples: int) -> np.ndar
             path, num_examples,
             f"an integer vector of 0/1 values of length {len(array)}: it looks like a 0/1 mask "
             f"of the wrong length (expected {num_examples}, got {len(array)})",
+        )
+    if len(array) == num_examples and np.unique(array).size != array.size:  # a mask's length, not a permutation
+        other = array[(array != 0) & (array != 1)]
+        raise _fail(
+            path, num_examples,
+            f"an integer vector of length {num_examples} (a mask's length) with values other than 0 and 1 "
+            f"(first: {_first(other)}); a mask holds only 0/1",
         )
     return _check_indices(array, path, num_examples)
 

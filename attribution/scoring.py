@@ -45,7 +45,9 @@ from torch import Tensor
 
 from . import _checks
 from .atomic import atomic_save_npy, atomic_write_json
-from .store import FeatureStore
+from .errors import SettingsError
+from .integrity import check_file_sha256, check_npy_file, file_sha256, require_finite
+from .store import KERNEL_FORMAT, FeatureStore
 
 __all__ = ["KernelEigen", "finalize", "load_kernel", "relative_lambda", "score", "iter_score_blocks", "topk_scores", "TopK",
            "lambda_sweep", "dense_scores_float64"]
@@ -69,43 +71,56 @@ class KernelEigen(NamedTuple):
 
 
 def _check_lambda(kernel: KernelEigen, lam: float) -> None:
-    if not isinstance(lam, (int, float)) or lam < 0:
-        raise ValueError(f"Expected `lam` to be a float >= 0, but got {lam!r}")
+    if not isinstance(lam, (int, float)) or not lam >= 0 or lam == float("inf"):
+        raise SettingsError(f"Expected `lam` to be a finite float >= 0, but got {lam!r}")
     s = kernel.eigenvalues
     tol = s.numel() * torch.finfo(torch.float64).eps * float(s.abs().max())
     if lam == 0 and float(s.min()) <= tol:
-        raise ValueError(f"Expected a non-singular kernel Phi^T Phi for `lam` = 0, but its smallest eigenvalue is "
+        raise SettingsError(f"Expected a non-singular kernel Phi^T Phi for `lam` = 0, but its smallest eigenvalue is "
                          f"{float(s.min()):.3e} (largest {float(s.max()):.3e}); pass lam > 0 (a ridge term)")
+
+
+_KERNEL_FILES = ("kernel_eigenvalues.npy", "kernel_eigenvectors.npy")
 
 
 def finalize(store: FeatureStore, block_rows: int = 8192) -> KernelEigen:
     """Accumulate ``Phi^T Phi`` in float64 over row chunks, eigendecompose, save, return it.
 
-    Saves ``kernel_eigenvalues.npy``, ``kernel_eigenvectors.npy`` and ``kernel.json`` into the
-    store folder (atomically). Re-run after features change.
+    Saves ``kernel_eigenvalues.npy``, ``kernel_eigenvectors.npy`` and, last, ``kernel.json`` (with the
+    sha256 of every file of the store) into the store folder (atomically). Non-finite features or
+    eigenvalues are refused before anything is written. Re-run after features change.
     """
     if not store.is_complete:
         raise ValueError(f"Expected a complete `store`, but {len(store.missing_rows())} of {store.N} rows are missing")
     K = torch.zeros(store.d, store.d, dtype=torch.float64)
     for start, stop in store.row_blocks(block_rows):
         block = store.read(start, stop, torch.float64)
+        require_finite(block, "features", f"in store {store.path}", rows=torch.arange(start, stop))
         K.addmm_(block.T, block)
     s, U = torch.linalg.eigh(K)
+    require_finite(s, "kernel eigenvalues", f"of store {store.path}")
     atomic_save_npy(store.path / "kernel_eigenvectors.npy", U.numpy())
     atomic_save_npy(store.path / "kernel_eigenvalues.npy", s.numpy())
-    atomic_write_json(store.path / "kernel.json", {"N": store.N, "d": store.d, "trace": float(K.trace())})
+    checksums = {**store.file_checksums(), **{name: file_sha256(store.path / name) for name in _KERNEL_FILES}}
+    atomic_write_json(store.path / "kernel.json", {"N": store.N, "d": store.d, "trace": float(K.trace()),
+                                                   "format": KERNEL_FORMAT, "checksums": checksums})
     log.info("finalized %s: eigenvalues in [%.3e, %.3e]", store.path, float(s.min()), float(s.max()))
     return KernelEigen(s, U)
 
 
 def load_kernel(store: FeatureStore) -> KernelEigen:
-    """The kernel saved by :func:`finalize` (raises if the store was not finalized)."""
-    if not (store.path / "kernel.json").exists():
+    """The kernel saved by :func:`finalize`: sizes and (when recorded) checksums checked, eigenvalues finite."""
+    record = store.kernel_record()
+    if record is None:
         raise FileNotFoundError(f"Expected a finalized `store` at {store.path}; call finalize(store) first")
+    shapes = {"kernel_eigenvalues.npy": (store.d,), "kernel_eigenvectors.npy": (store.d, store.d)}
+    for name, shape in shapes.items():
+        check_npy_file(store.path / name, shape, np.float64, f"the store's width d = {store.d}")
+        if name in record.get("checksums", {}):
+            check_file_sha256(store.path / name, record["checksums"][name], str(store.path / "kernel.json"))
     s = torch.from_numpy(np.load(store.path / "kernel_eigenvalues.npy"))
     U = torch.from_numpy(np.load(store.path / "kernel_eigenvectors.npy"))
-    if s.shape != (store.d,) or U.shape != (store.d, store.d):
-        raise ValueError(f"Expected a kernel of width d = {store.d} in {store.path}, but got {tuple(U.shape)}; re-finalize")
+    require_finite(s, "kernel eigenvalues", f"in {store.path}")
     return KernelEigen(s, U)
 
 

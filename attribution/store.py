@@ -8,16 +8,25 @@ Layout of a store folder (one per (experiment, checkpoint))::
     done.npy        (N,) uint8: 1 once a row's features are on disk
     weights.npy     (N,) float32, only with ``meta["with_weights"]``: TRAK's Q per row
     kernel_*.npy    written by :func:`attribution.scoring.finalize`
+    kernel.json     written last by ``finalize``: marks the store finalized and records the sha256 of
+                    every file above (features, done flags, weights, kernel)
 
 Writes put the features first and flush them, then set the done flags and flush, so a kill
 never marks a row done without its features. Several processes may write disjoint rows of the
 same store at once (each maps the files ``r+``); creation is serialized with a lock file.
 Re-opening an existing store with different metadata is refused, naming the differing keys.
+
+Integrity: every open checks that each ``.npy`` file has exactly the shape, dtype and byte size the
+metadata implies (a truncated file is refused naming the file and both sizes, never extended).
+A store opened for reading (``writable=False``; :func:`open_feature_stores`) maps its files read-only
+and creates nothing (no lock file); :meth:`FeatureStore.verify` compares a finalized store's files with
+the checksums in ``kernel.json``, so a flipped byte is caught before any score is computed.
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -29,15 +38,28 @@ from torch import Tensor
 
 from . import _checks
 from .atomic import atomic_save_npy, atomic_write_json
+from .errors import CorruptFileError, SettingsError, StoreMismatchError
+from .integrity import check_file_sha256, check_npy_file, file_sha256
 
-__all__ = ["FeatureStore", "StoreMismatchError", "atomic_write_json", "atomic_save_npy"]
+__all__ = ["FeatureStore", "StoreMismatchError", "atomic_write_json", "atomic_save_npy", "open_feature_stores",
+           "read_json"]
 
 log = logging.getLogger(__name__)
 _DTYPES = ("float16", "float32")
+KERNEL_FORMAT = 2  # kernel.json records the checksums of the store's files
 
 
-class StoreMismatchError(ValueError):
-    """The folder holds a store made with different metadata."""
+def read_json(path: Path, what: str = "metadata") -> dict:
+    """A JSON object from ``path``; an unreadable or non-object file is refused naming it."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise
+    except (ValueError, UnicodeDecodeError, OSError) as err:
+        raise CorruptFileError(f"Expected {path} to be a JSON {what} file, but it is unreadable ({err})") from None
+    if not isinstance(value, dict):
+        raise CorruptFileError(f"Expected {path} to hold a JSON object ({what}), but got {type(value).__name__}")
+    return value
 
 
 @contextlib.contextmanager
@@ -74,6 +96,8 @@ def _meta_diff(stored: dict, given: dict) -> list[str]:
 def _check_meta(meta: dict) -> dict:
     if not isinstance(meta, dict):
         raise TypeError(f"Expected `meta` to be a dict, but got {type(meta).__name__}")
+    if meta.get("with_weights") is not None and not isinstance(meta.get("with_weights"), bool):
+        raise SettingsError(f"Expected `meta['with_weights']` to be a bool, but got {meta['with_weights']!r}")
     for key in ("N", "d"):
         _checks.positive_int(f"meta['{key}']", meta.get(key))
     _checks.one_of("meta['dtype']", meta.get("dtype"), _DTYPES)
@@ -83,17 +107,26 @@ def _check_meta(meta: dict) -> dict:
 class FeatureStore:
     """Projected features ``Phi`` (N x d) for one checkpoint, on disk. Use :meth:`open`."""
 
-    def __init__(self, path: Path, meta: dict) -> None:
+    def __init__(self, path: Path, meta: dict, writable: bool = True) -> None:
         self.path = Path(path)
         self.meta = meta
         self.N, self.d = int(meta["N"]), int(meta["d"])
-        self._features = np.load(self.path / "features.npy", mmap_mode="r+")
-        self._done = np.load(self.path / "done.npy", mmap_mode="r+")
-        self._weights = np.load(self.path / "weights.npy", mmap_mode="r+") if self.has_weights else None
+        self.writable = writable
+        for name, shape, dtype in self._layout():  # before mapping: "r+" would silently extend a short file
+            check_npy_file(self.path / name, shape, dtype, f"{self.path / 'meta.json'}")
+        mode = "r+" if writable else "r"
+        self._features = np.load(self.path / "features.npy", mmap_mode=mode)
+        self._done = np.load(self.path / "done.npy", mmap_mode=mode)
+        self._weights = np.load(self.path / "weights.npy", mmap_mode=mode) if self.has_weights else None
+
+    def _layout(self) -> list[tuple[str, tuple[int, ...], str]]:
+        """(file, shape, dtype) of the store's arrays, as the metadata implies."""
+        layout = [("features.npy", (self.N, self.d), self.meta["dtype"]), ("done.npy", (self.N,), "uint8")]
+        return layout + ([("weights.npy", (self.N,), "float32")] if self.has_weights else [])
 
     # ------------------------------------------------------------------ opening
     @classmethod
-    def open(cls, path, meta: dict, create: bool = True) -> "FeatureStore":
+    def open(cls, path, meta: dict, create: bool = True, writable: bool = True) -> "FeatureStore":
         """Open (or create) the store in folder ``path``.
 
         Args:
@@ -103,25 +136,35 @@ class FeatureStore:
                 other JSON-serializable keys (projector, output settings, checkpoint, dataset
                 fingerprint, ...) are recorded and compared on re-open.
             create: create the store when ``path`` has none; otherwise raise ``FileNotFoundError``.
+            writable: map the files for writing (featurizing); ``False`` reads only: the files are mapped
+                read-only and nothing is created in the folder (``create`` must then be False).
 
         Raises:
             StoreMismatchError: the folder holds a store whose metadata differs (lists the keys).
+            CorruptFileError: meta.json is unreadable, or an array file has another shape or size.
         """
         meta = _check_meta(meta)
         path = Path(path)
         if not create and not (path / "meta.json").exists():
             raise FileNotFoundError(f"Expected a feature store at `path` {path}, but found no meta.json")
+        if not writable:
+            if create:
+                raise SettingsError("Expected `create` False when `writable` is False, but got create=True")
+            cls._check_stored_meta(path, meta)
+            return cls(path, meta, writable=False)
         path.mkdir(parents=True, exist_ok=True)
         with _locked(path):
             if (path / "meta.json").exists():
-                stored = json.loads((path / "meta.json").read_text())
-                diff = _meta_diff(stored, meta)
-                if diff:
-                    raise StoreMismatchError(f"Feature store at {path} was made with different metadata: "
-                                             + "; ".join(diff))
+                cls._check_stored_meta(path, meta)
             else:
                 cls._create(path, meta)
         return cls(path, meta)
+
+    @staticmethod
+    def _check_stored_meta(path: Path, meta: dict) -> None:
+        diff = _meta_diff(read_json(path / "meta.json", "feature store metadata"), meta)
+        if diff:
+            raise StoreMismatchError(f"Feature store at {path} was made with different metadata: " + "; ".join(diff))
 
     @staticmethod
     def _create(path: Path, meta: dict) -> None:
@@ -144,6 +187,9 @@ class FeatureStore:
 
         Features and weights are flushed before the done flags are set and flushed.
         """
+        if not self.writable:
+            raise SettingsError(f"Expected a store opened with `writable` True to write to, but {self.path} was "
+                                "opened for reading")
         rows_np = self._check_rows(rows)
         if tuple(features.shape) != (len(rows_np), self.d):
             raise ValueError(f"Expected `features` of shape ({len(rows_np)}, {self.d}), but got {tuple(features.shape)}")
@@ -197,26 +243,89 @@ class FeatureStore:
         for s in range(0, self.N, block_rows):
             yield s, min(s + block_rows, self.N)
 
+    # ------------------------------------------------------------------ integrity
+    def kernel_record(self) -> Optional[dict]:
+        """The contents of ``kernel.json`` (written by ``finalize``), or None before finalizing."""
+        file = self.path / "kernel.json"
+        return read_json(file, "kernel record") if file.exists() else None
+
+    @property
+    def is_finalized(self) -> bool:
+        """Finalized by this version: ``kernel.json`` exists and records the files' checksums."""
+        record = self.kernel_record()
+        return bool(record) and record.get("format") == KERNEL_FORMAT and "checksums" in record
+
+    def file_checksums(self) -> dict[str, str]:
+        """sha256 of each array file of the store (features, done flags, weights)."""
+        return {name: file_sha256(self.path / name) for name, _, _ in self._layout()}
+
+    def verify(self) -> None:
+        """Compare every file recorded in ``kernel.json`` with its checksum (refuse a non-finalized store)."""
+        record = self.kernel_record()
+        if not record or record.get("format") != KERNEL_FORMAT or "checksums" not in record:
+            state = "not finalized" if not record else "finalized without checksums (by an older version)"
+            raise CorruptFileError(f"Expected a finalized feature store with checksums at {self.path}, but it is "
+                                   f"{state}; rerun `cli.py featurize` on its checkpoint (finished rows are kept)")
+        for name, digest in record["checksums"].items():
+            check_file_sha256(self.path / name, digest, str(self.path / "kernel.json"),
+                              fix=f"delete the store {self.path} and featurize its checkpoint again")
+
+    @classmethod
+    def check_folder(cls, path, meta: dict) -> str:
+        """Check a store folder before featurizing into it, writing nothing: ``"absent"``, ``"partial"``,
+        ``"complete"`` (not finalized yet) or ``"finalized"`` (checksums verified).
+
+        Raises:
+            StoreMismatchError: the folder holds a store made with other metadata.
+            CorruptFileError: unreadable metadata, wrong-sized arrays, or files that fail their checksums.
+        """
+        path = Path(path)
+        if not (path / "meta.json").exists():
+            return "absent"
+        store = cls.open(path, meta, create=False, writable=False)
+        if store.is_finalized:
+            store.verify()
+            return "finalized"
+        return "complete" if store.is_complete else "partial"
+
+    def identity(self) -> dict:
+        """What identifies the features (for results made from them): their metadata and file checksums."""
+        record = self.kernel_record() or {}
+        checkpoint = self.meta.get("checkpoint")
+        return {"meta": hashlib.sha256(json.dumps(self.meta, sort_keys=True).encode()).hexdigest()[:16],
+                "weights_hash": checkpoint.get("weights_hash") if isinstance(checkpoint, dict) else None,
+                "checksums": record.get("checksums")}
+
     def __repr__(self) -> str:
         return f"FeatureStore({str(self.path)!r}, N={self.N}, d={self.d}, dtype={self.meta['dtype']})"
 
 
-def open_feature_stores(features: str, argument: str = "features") -> list[FeatureStore]:
+def open_feature_stores(features: str, argument: str = "features", verify: bool = True) -> list[FeatureStore]:
     """The complete, finalized stores of one dataset in ``features`` (a store, or a folder of them), in name order.
 
-    ``argument`` is how error messages name the setting that gave the folder (e.g. ``plan.features``).
+    Opened read-only (nothing in the folders changes, no lock file). Every store is checked before any is
+    used: sizes against its metadata, complete, finalized, and (``verify``) its files against the checksums
+    in ``kernel.json``. ``argument`` is how error messages name the setting that gave the folder (e.g.
+    ``plan.features``).
     """
     root = Path(features)
     folders = [root] if (root / "meta.json").exists() else sorted(p.parent for p in root.glob("*/meta.json"))
     if not folders:
         raise FileNotFoundError(f"Expected `{argument}` to be a feature store or a folder of them (each with a "
                                 f"meta.json), but {str(root)!r} holds none; run `cli.py featurize` first")
-    stores = [FeatureStore.open(f, json.loads((f / "meta.json").read_text()), create=False) for f in folders]
+    stores = [FeatureStore.open(f, read_json(f / "meta.json", "feature store metadata"), create=False,
+                                writable=False) for f in folders]
     for store in stores:
-        if not store.is_complete or not (store.path / "kernel.json").exists():
-            raise ValueError(f"Expected complete, finalized feature stores, but {store.path} is "
-                             f"{'incomplete' if not store.is_complete else 'not finalized'}; rerun `cli.py featurize`")
-    fingerprints = {(s.meta["N"], s.meta["dataset_fingerprint"]) for s in stores}
+        finalized = store.kernel_record() is not None
+        if finalized and verify:  # checksums first: a flipped done flag is corruption, not a missing row
+            store.verify()
+        if not store.is_complete:
+            raise CorruptFileError(f"Expected `{argument}` to hold complete feature stores, but {store.path} misses "
+                                   f"{len(store.missing_rows())} of {store.N} rows; rerun `cli.py featurize`")
+        if not finalized:
+            store.verify()  # refuses, saying the store is not finalized
+    fingerprints = {(s.meta["N"], s.meta.get("dataset_fingerprint")) for s in stores}
     if len(fingerprints) != 1:
-        raise ValueError(f"Expected feature stores of one dataset, but got (N, fingerprint) pairs {sorted(fingerprints)}")
+        raise StoreMismatchError(f"Expected `{argument}` to hold feature stores of one dataset, but got (N, "
+                                 f"fingerprint) pairs {sorted(fingerprints, key=str)}")
     return stores

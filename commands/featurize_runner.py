@@ -39,11 +39,16 @@ class FeaturizeRunner(LightningModule):
     def _featurize_one(self, ckpt_path: Path, store_dir: Path) -> dict:
         checkpoint = torch.load(ckpt_path, map_location=self.device, weights_only=False)
         self.module.load_state_dict(checkpoint["state_dict"])
-        info = {"file": str(ckpt_path), "global_step": int(checkpoint.get("global_step", -1)),
-                "epoch": int(checkpoint.get("epoch", -1))}
+        info = checkpoint_info(ckpt_path, checkpoint)
         loader = self.featurizer.rows_loader(self.data)
         store, stats = self.featurizer.run(self.module, loader, data_identity(self.data), store_dir, info,
                                            rank=self.global_rank, world_size=self.trainer.world_size,
                                            barrier=self.trainer.strategy.barrier, device=self.device,
                                            progress=self.trainer.is_global_zero)
         return {"store": str(store.path), **stats}
+
+
+def checkpoint_info(ckpt_path: Path, checkpoint: dict) -> dict:
+    """What a store records about the checkpoint it was made from (file, global step, epoch)."""
+    return {"file": str(ckpt_path), "global_step": int(checkpoint.get("global_step", -1)),
+            "epoch": int(checkpoint.get("epoch", -1))}

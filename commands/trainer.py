@@ -6,20 +6,24 @@ signature into the subcommand's arguments; ``model`` and ``datamodule`` are pass
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional, Union
 
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
+from attribution.errors import CheckpointMismatchError, SettingsError
 from attribution.featurize import CheckpointFeaturizer, FeaturizeSettings
-from attribution.identity import check_checkpoint
+from attribution.identity import check_checkpoint, data_identity, read_identity
 from attribution.images import save_grid
+from attribution.integrity import read_checkpoint, require_finite
 from attribution.masks import write_random_masks
 from attribution.protocol import check_protocol
+from attribution.store import FeatureStore
 from attribution.trajectory import save_targets
+from callbacks.run_checks import RunChecks
 from callbacks.trak_featurize import TrakFeaturizeCallback
-from commands.featurize_runner import FeaturizeRunner
+from commands.featurize_runner import FeaturizeRunner, checkpoint_info
 from commands.lds import LDS_SUBCOMMANDS, LDSCommands
 
 PROJECT_SUBCOMMANDS: dict[str, set[str]] = {
@@ -32,7 +36,20 @@ PROJECT_SUBCOMMANDS: dict[str, set[str]] = {
 
 
 class AttributionTrainer(LDSCommands, Trainer):
-    """A ``Trainer`` whose extra methods are the subcommands of ``cli.py``."""
+    """A ``Trainer`` whose extra methods are the subcommands of ``cli.py``.
+
+    ``fit`` adds :class:`callbacks.run_checks.RunChecks` (a non-finite loss fails the run; checkpoints are
+    stamped with their weights' checksum) and refuses a ``ckpt_path`` trained on other data.
+    """
+
+    def fit(self, model: LightningModule, train_dataloaders: Any = None, val_dataloaders: Any = None,
+            datamodule: Optional[LightningDataModule] = None, ckpt_path: Optional[Union[str, Path]] = None,
+            weights_only: Optional[bool] = None) -> None:
+        """``Trainer.fit``: a ``ckpt_path`` is checked against the data before anything runs."""
+        check_resume(ckpt_path, datamodule if datamodule is not None else train_dataloaders)
+        if not any(isinstance(callback, RunChecks) for callback in self.callbacks):
+            self.callbacks.append(RunChecks())
+        return super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, weights_only)
 
     def masks(self, model: LightningModule, datamodule: LightningDataModule, out_dir: str = "masks",
               num_masks: int = 32, seed: int = 0, fraction: float = 0.5) -> list[Path]:
@@ -59,12 +76,14 @@ class AttributionTrainer(LDSCommands, Trainer):
         """
         check_protocol(model)
         checkpoints = find_checkpoints(checkpoints)
-        for path in checkpoints:  # every check before any work
-            check_checkpoint(path, model, datamodule)
         settings = settings or self._callback_settings() or FeaturizeSettings()
         jobs = [(path, Path(out_dir) / path.stem if out_dir else path.parent.parent / "features" / path.stem)
                 for path in checkpoints]
-        runner = FeaturizeRunner(model, datamodule, jobs, CheckpointFeaturizer(settings))
+        featurizer = CheckpointFeaturizer(settings)
+        states = [check_featurize_job(model, datamodule, featurizer, path, store) for path, store in jobs]
+        rank_zero_info(f"featurize: {len(jobs)} checkpoints checked; stores: "
+                       + ", ".join(f"{store.name} {state}" for (_, store), state in zip(jobs, states)))
+        runner = FeaturizeRunner(model, datamodule, jobs, featurizer)
         self.predict(runner, return_predictions=False)
         for result in runner.results:
             rank_zero_info(f"featurized {result['rows']} rows into {result['store']} in {result['seconds']:.1f} s")
@@ -87,18 +106,25 @@ class AttributionTrainer(LDSCommands, Trainer):
             real_indices: training images (global indices) to add as targets, noised to the recorded steps.
             prompts: captions for a text-conditional model (cycled over the targets); real images use their own.
         """
-        check_checkpoint(Path(checkpoint), model, datamodule)
-        model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"])
+        check_sample_request(datamodule, num_targets, num_inference_steps, num_record_steps, record_steps,
+                             real_indices)
+        loaded = check_checkpoint(Path(checkpoint), model, datamodule)
+        model.load_state_dict(loaded["state_dict"])
         model.to(self.strategy.root_device).eval()
         steps = record_steps or evenly_spaced_steps(model.noise_scheduler, num_inference_steps, num_record_steps)
         if prompts:  # cycled over the targets
             prompts = [prompts[i % len(prompts)] for i in range(num_targets)]
-        info = {"checkpoint": str(checkpoint), "num_inference_steps": num_inference_steps}
+        info = {"checkpoint": str(checkpoint), "num_inference_steps": num_inference_steps,
+                "data": read_identity(loaded)}
         targets = model.record_targets(list(range(seed, seed + num_targets)), num_inference_steps, steps,
-                                       prompts=prompts, info=info)
+                                       prompts=prompts, info=info) if num_targets else []
         for j, index in enumerate(real_indices or []):
             targets.append(model.real_target(datamodule, index, steps, seed=seed + num_targets + j,
                                              target_id=num_targets + j, info=info))
+        for target in targets:  # before anything is written
+            for name in ("x_t", "x0_hat", "final"):
+                require_finite(getattr(target, name), f"recorded `{name}`",
+                               f"of target {target.target_id} sampled from checkpoint {checkpoint}")
         folder = save_targets(targets, out_dir)
         save_grid(torch.stack([t.pictures()[1] for t in targets]), folder / "targets.png", upscale=4)
         rank_zero_info(f"recorded {len(targets)} targets at steps {list(steps)} in {folder}")
@@ -121,6 +147,56 @@ class AttributionTrainer(LDSCommands, Trainer):
             if isinstance(callback, TrakFeaturizeCallback):
                 return callback.settings
         return None
+
+
+def check_resume(ckpt_path: Optional[Union[str, Path]], datamodule: Any) -> None:
+    """Refuse to resume ``fit`` from a checkpoint file trained on other data than ``datamodule``'s.
+
+    Special values of ``ckpt_path`` ("last", "best", ...) are Lightning's and pass through.
+    """
+    if ckpt_path is None or not Path(str(ckpt_path)).is_file():
+        return
+    checkpoint = read_checkpoint(ckpt_path, "ckpt_path")
+    source = f"`ckpt_path` {ckpt_path}"
+    if callable(getattr(datamodule, "check_resume", None)):
+        datamodule.check_resume(checkpoint, source)
+    elif read_identity(checkpoint):
+        raise CheckpointMismatchError(f"Cannot check {source} against the data: it was trained on a datamodule of "
+                                      f"this project, but the datamodule given now ({type(datamodule).__name__}) "
+                                      "carries no data identity (N, fingerprint, mask hash)")
+
+
+def check_featurize_job(model: LightningModule, datamodule: Any, featurizer: CheckpointFeaturizer,
+                        path: Path, store_dir: Path) -> str:
+    """Every check of one (checkpoint, store) before any row is featurized; returns the store's state.
+
+    The checkpoint: readable, finite weights matching its stamped checksum, trained on this data, fitting
+    the model. Its store, when it exists: made with the same metadata (weights, projector, settings), arrays
+    of the recorded sizes, and files matching their checksums once finalized.
+    """
+    checkpoint = check_checkpoint(path, model, datamodule)
+    model.load_state_dict(checkpoint["state_dict"])
+    meta, _ = featurizer.prepare(model, data_identity(datamodule), checkpoint_info(path, checkpoint))
+    return FeatureStore.check_folder(store_dir, meta)
+
+
+def check_sample_request(datamodule: Any, num_targets: int, num_inference_steps: Optional[int],
+                         num_record_steps: int, record_steps: Optional[list[int]],
+                         real_indices: Optional[list[int]]) -> None:
+    """Refuse a ``sample`` request that cannot produce targets, before the checkpoint is even loaded."""
+    if num_targets < 0 or (num_targets == 0 and not real_indices):
+        raise SettingsError(f"Expected `num_targets` >= 1 (or `real_indices` given), but got num_targets = "
+                            f"{num_targets} and real_indices = {real_indices}: that records no target")
+    if num_inference_steps is not None and num_inference_steps < 1:
+        raise SettingsError(f"Expected `num_inference_steps` >= 1 or None, but got {num_inference_steps}")
+    if record_steps is None and num_record_steps < 1:
+        raise SettingsError(f"Expected `num_record_steps` >= 1, but got {num_record_steps}")
+    if record_steps is not None and not record_steps:
+        raise SettingsError("Expected `record_steps` to list at least one timestep (or None), but got []")
+    n = datamodule.num_examples
+    bad = [i for i in real_indices or [] if not 0 <= int(i) < n]
+    if bad:
+        raise SettingsError(f"Expected `real_indices` to be training indices in [0, {n}), but got {bad}")
 
 
 def evenly_spaced_steps(scheduler, num_inference_steps: Optional[int], count: int) -> list[int]:

@@ -15,6 +15,8 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
+from attribution.errors import AttributionInputError, CheckpointMismatchError, DataSourceError, SettingsError
+from attribution.identity import read_identity
 from attribution.masks import dataset_fingerprint, load_subset_mask, mask_hash
 from datamodules.array_dataset import ArrayImageDataset, check_uint8_images, resize_and_pad, to_float
 
@@ -78,13 +80,13 @@ class ImageDataModule(LightningDataModule):
     @staticmethod
     def _check_args(batch_size: int, num_workers: int, image_size: Optional[int], pad: int) -> None:
         if batch_size < 1:
-            raise ValueError(f"Expected `batch_size` >= 1, but got {batch_size}")
+            raise SettingsError(f"Expected `batch_size` >= 1, but got {batch_size}")
         if num_workers < 0:
-            raise ValueError(f"Expected `num_workers` >= 0, but got {num_workers}")
+            raise SettingsError(f"Expected `num_workers` >= 0, but got {num_workers}")
         if image_size is not None and image_size < 1:
-            raise ValueError(f"Expected `image_size` >= 1 or None, but got {image_size}")
+            raise SettingsError(f"Expected `image_size` >= 1 or None, but got {image_size}")
         if pad < 0:
-            raise ValueError(f"Expected `pad` >= 0, but got {pad}")
+            raise SettingsError(f"Expected `pad` >= 0, but got {pad}")
 
     # ----------------------------------------------------------------------- subclass interface
     def _load_source(self) -> tuple[np.ndarray, Optional[np.ndarray]]:
@@ -106,16 +108,37 @@ class ImageDataModule(LightningDataModule):
         if self._images is not None:
             return
         name = type(self).__name__
-        source, labels = self._load_source()
-        source = check_uint8_images(source, name)
+        source, labels = self._read_source()
         if labels is not None:
             labels = np.asarray(labels, dtype=np.int64).reshape(-1)
             if labels.shape[0] != source.shape[0]:
-                raise ValueError(f"{name}: expected {source.shape[0]} labels, but got {labels.shape[0]}")
+                raise DataSourceError(f"{name} ({self._source_arguments()}): expected {source.shape[0]} labels, "
+                                      f"but got {labels.shape[0]}")
         self._fingerprint = dataset_fingerprint(source, labels, extra=self._fingerprint_extra())
         self._images = resize_and_pad(source, self.image_size, self.pad)
         self._labels = None if labels is None else torch.from_numpy(labels)
         self._captions = self._make_captions(labels)
+
+    def _read_source(self) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """The subclass's source, checked; a file it cannot read is a :class:`DataSourceError` naming it."""
+        name = type(self).__name__
+        try:
+            source, labels = self._load_source()
+            return check_uint8_images(source, name), labels
+        except (AttributionInputError, FileNotFoundError, NotImplementedError):
+            raise
+        except (ValueError, TypeError, OSError, EOFError, KeyError) as err:  # numpy/zip/pickle/PIL readers
+            message = " ".join(str(err).split()) or type(err).__name__
+            if message.startswith(f"{name}:"):  # the subclass's own check: say which source it read
+                raise DataSourceError(f"{message} (reading {self._source_arguments()})") from err
+            raise DataSourceError(f"{name}: expected readable training images from {self._source_arguments()}, "
+                                  f"but got {type(err).__name__}: {message}") from err
+
+    def _source_arguments(self) -> str:
+        """The subclass's own arguments (what names its source), for messages: ``path='...'``."""
+        own = {k: v for k, v in self.hparams.items() if not k.startswith("_") and k not in (
+            "subset_mask", "batch_size", "num_workers", "augment", "seed", "pad", "caption_template", "image_size")}
+        return ", ".join(f"`{k}`={v!r}" for k, v in own.items()) or "its source"
 
     def _make_captions(self, labels: Optional[np.ndarray]) -> Optional[list[str]]:
         if self.caption_template is None:
@@ -223,7 +246,37 @@ class ImageDataModule(LightningDataModule):
         mine = self.state_dict()
         for key, value in state_dict.items():
             if key in mine and mine[key] != value:
-                raise ValueError(
+                raise CheckpointMismatchError(
                     f"{type(self).__name__}: the checkpoint was trained with {key}={value!r}, but this "
                     f"datamodule has {key}={mine[key]!r}; resume with the same data and subset_mask"
                 )
+
+    def check_resume(self, checkpoint: dict, source: str = "checkpoint") -> None:
+        """Refuse to resume training from a checkpoint made on other data, whatever datamodule class made it.
+
+        Compares N, the dataset fingerprint and the subset mask's hash with the identity the checkpoint
+        records (the ``"attribution"`` stamp of our modules, or any project datamodule's saved state;
+        Lightning restores a datamodule's state only for the same class name).
+        """
+        recorded = self._recorded_identity(checkpoint)
+        if recorded is None:
+            raise CheckpointMismatchError(f"Cannot check {source} against the data: it records no data identity "
+                                          "(N, fingerprint, mask hash); resume only checkpoints of this project")
+        mine = self.state_dict()
+        for key in ("num_examples", "fingerprint", "mask_hash"):
+            if key in recorded and recorded[key] != mine[key]:
+                raise CheckpointMismatchError(
+                    f"Expected {source} to have been trained on the data given now ({type(self).__name__}: {key} = "
+                    f"{mine[key]!r}), but it records {key} = {recorded[key]!r}; resume with the same data and "
+                    "subset_mask, or start a new run")
+
+    @staticmethod
+    def _recorded_identity(checkpoint: dict) -> Optional[dict]:
+        stamped = read_identity(checkpoint)
+        if stamped:
+            return {"num_examples": stamped.get("num_examples"), "fingerprint": stamped.get("dataset_fingerprint"),
+                    "mask_hash": stamped.get("mask_hash")}
+        for value in checkpoint.values():  # a project datamodule's state_dict, saved under its class name
+            if isinstance(value, dict) and {"num_examples", "fingerprint", "mask_hash"} <= set(value):
+                return dict(value)
+        return None

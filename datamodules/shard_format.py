@@ -31,8 +31,7 @@ MANIFEST = "manifest.json"
 PathLike = Union[str, Path]
 
 
-class ShardError(ValueError):
-    """A shard is missing, truncated, corrupt, or does not match ``manifest.json``."""
+from attribution.errors import ShardError  # noqa: E402  (re-exported: part of the project's error family)
 
 
 class RawSample(NamedTuple):
@@ -50,7 +49,10 @@ def read_manifest(path: PathLike) -> dict:
     if not file.is_file():
         raise FileNotFoundError(f"path '{path}': expected a shard folder with {MANIFEST}, but found "
                                 "none; convert first with `python -m datamodules.shards`")
-    manifest = json.loads(file.read_text())
+    try:
+        manifest = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ShardError(f"'{file}': expected a JSON manifest, but it is unreadable ({err})") from None
     if manifest.get("format") != FORMAT:
         raise ShardError(f"'{file}': expected format {FORMAT!r}, but got {manifest.get('format')!r}")
     if not manifest.get("complete"):

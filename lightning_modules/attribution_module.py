@@ -1,29 +1,44 @@
 """``AttributionModule``: step-specific TRAK scores for recorded trajectories, as a predict loop.
 
 ``predict_step`` takes a batch of (target, step) pairs. For every checkpoint m of the ensemble (the
-finalized feature stores in ``features``): x0_hat_t = (x_t - sqrt(1 - abar_t) eps_m(x_t, t)) /
-sqrt(abar_t) from the recorded x_t, held fixed; g_m = P_m^T grad f_t(x0_hat_t, theta_m) (Eq. 3, or
-D-TRAK's "square"); then tau = 1/M sum_m Phi_m (Phi_m^T Phi_m + lambda_m I)^-1 g_m, an (N,) vector per
+finalized feature stores in ``features``): x0_hat_t from the recorded x_t (``task.x0_hat``, for any
+prediction type; for epsilon (x_t - sqrt(1 - abar_t) eps_m(x_t, t)) / sqrt(abar_t)), held fixed;
+g_m = P_m^T grad f_t(x0_hat_t, theta_m) (Eq. 3, or D-TRAK's "square"); then tau = 1/M sum_m Phi_m (Phi_m^T Phi_m + lambda_m I)^-1 g_m, an (N,) vector per
 pair. ``ScoreWriter`` (added automatically) saves each pair, then per target the (N x steps) scores,
-the top-k influencers and the pictures. Pairs already written are skipped: scoring resumes.
+the top-k influencers and the pictures.
+
+Everything is checked before the first pair is computed: every store (complete, finalized, sizes and
+checksums), the checkpoint each store was made from (readable, finite, its stamped checksum, the store's
+weights), the targets (readable, recorded from a model trained on the features' data, the requested
+``steps`` and ``target_ids`` recorded), the patch and the settings. Resume checks what it resumes: each
+pair has a key (``pair_keys``) made of everything that changes its numbers (the stores' metadata and
+checksums, the target's x_t and conditioning, the patch mask, output, num_draws, draw_seed, share_noise,
+relative_lam, use_ema); a pair file is reused only when its key matches and its checksum holds, every
+other pair is computed, and the run says how many it reused and computed.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
-from attribution import (FeatureStore, StepOutput, featurize_batch, iter_score_blocks, load_kernel, relative_lambda,
-                         x0_hat)
+from attribution import FeatureStore, StepOutput, featurize_batch, iter_score_blocks, load_kernel, relative_lambda
+from attribution.ema import resolve_denoiser
+from attribution.errors import CheckpointMismatchError, CorruptFileError, SettingsError, TargetsError
+from attribution.integrity import read_checkpoint, require_finite
 from attribution.trajectory import Trajectory, load_targets
 from attribution.featurize import projector_from_meta
-from attribution.identity import weights_hash
+from attribution.identity import KEY as IDENTITY_KEY
+from attribution.identity import tensors_hash, weights_hash
 from attribution.patches import load_patch
 from attribution.store import open_feature_stores
-from callbacks.score_writer import ScoreWriter, pair_file
+from callbacks.score_writer import ScoreWriter, pair_file, pair_status
 from lightning_modules.loading import load_diffusion_module
 
 
@@ -64,22 +79,27 @@ class AttributionModule(LightningModule):
         target_ids: only these targets (None: all).
         patch: restrict f_t to a region: "y0:y1,x0:x1" or a .npy/.pt mask (H,W), or (targets, H, W).
         pair_batch_size: (target, step) pairs per predict batch.
-        use_ema: use the EMA weights (must match how the stores were featurized).
+        use_ema: None: the weights each store was featurized with (its recorded ``use_ema``); True / False: the
+            EMA / raw weights (refused when they are not the store's: weights hash).
     """
 
     def __init__(self, features: str, targets: str, out_dir: Optional[str] = None, output: str = "loss",
                  num_draws: int = 20, draw_seed: int = 0, share_noise: bool = False, relative_lam: float = 0.1,
                  topk: int = 8, steps: Optional[list[int]] = None, target_ids: Optional[list[int]] = None,
-                 patch: Optional[str] = None, pair_batch_size: int = 4, use_ema: bool = True) -> None:
+                 patch: Optional[str] = None, pair_batch_size: int = 4, use_ema: Optional[bool] = None) -> None:
         super().__init__()
-        if output not in ("loss", "square"):
-            raise ValueError(f"Expected `output` to be 'loss' or 'square', but got {output!r}")
-        if relative_lam <= 0:
-            raise ValueError(f"Expected `relative_lam` > 0 (a ridge relative to the mean eigenvalue), but got {relative_lam}")
+        check_score_settings(output, num_draws, draw_seed, relative_lam, topk, steps, target_ids, pair_batch_size)
         self.save_hyperparameters()
         self.out_dir = Path(out_dir) if out_dir else Path(targets).parent / "scores"
-        self.stores = open_feature_stores(features)
-        self.trajectories = load_targets(targets, target_ids)
+        self.stores = open_feature_stores(features)  # every store checked: sizes, complete, checksums
+        for store in self.stores:
+            read_store_checkpoint(store)
+        self.trajectories = read_targets(targets, target_ids)
+        check_targets_data(self.trajectories, self.stores)
+        check_steps(self.trajectories, steps)
+        self.masks = load_patch(self.hparams.patch, self.trajectories)
+        self.pair_keys = self._pair_keys()
+        self.resume_counts: dict[str, int] = {}
         self.denoisers = torch.nn.ModuleList()
         self.data: Any = None
         self._loaded = False
@@ -98,27 +118,29 @@ class AttributionModule(LightningModule):
             return
         modules = [self._load_checkpoint(store) for store in self.stores]
         self.tasks = [m.attribution_task() for m in modules]
-        self.denoisers.extend(m.attribution_denoiser(self.hparams.use_ema) for m in modules)
+        self.denoisers.extend(resolve_denoiser(m, self._use_ema(s)).model for m, s in zip(modules, self.stores))
         self.projectors = [projector_from_meta(s.meta["projector"], d) for s, d in zip(self.stores, self.denoisers)]
         self.kernels = [load_kernel(s) for s in self.stores]
         self.lams = [relative_lambda(k, self.hparams.relative_lam) for k in self.kernels]
-        self.masks = load_patch(self.hparams.patch, self.trajectories)
         self._loaded = True
 
     def _load_checkpoint(self, store: FeatureStore) -> LightningModule:
         meta = store.meta["checkpoint"]
         module = load_diffusion_module(meta["file"])
-        found = weights_hash(module.attribution_denoiser(self.hparams.use_ema), store.meta.get("param_names"))
+        found = weights_hash(resolve_denoiser(module, self._use_ema(store)).model, store.meta.get("param_names"))
         if found != meta["weights_hash"]:
-            raise ValueError(f"Feature store {store.path} was made from other weights than checkpoint "
+            raise CheckpointMismatchError(f"Feature store {store.path} was made from other weights than checkpoint "
                              f"{meta['file']} now holds: expected weights hash {meta['weights_hash']}, found {found}")
         return module
+
+    def _use_ema(self, store: FeatureStore) -> Optional[bool]:
+        return store.meta.get("use_ema") if self.hparams.use_ema is None else self.hparams.use_ema
 
     def check_data(self, datamodule: Any) -> None:
         """Refuse a datamodule whose N or fingerprint differ from the stores'."""
         meta = self.stores[0].meta
         if datamodule.num_examples != meta["N"] or datamodule.fingerprint != meta["dataset_fingerprint"]:
-            raise ValueError(f"Expected the data the features were made from (N = {meta['N']}, fingerprint "
+            raise CheckpointMismatchError(f"Expected the data the features were made from (N = {meta['N']}, fingerprint "
                              f"{meta['dataset_fingerprint']}), but got N = {datamodule.num_examples}, fingerprint "
                              f"{datamodule.fingerprint}")
 
@@ -129,12 +151,40 @@ class AttributionModule(LightningModule):
         return [(s, t) for s, t in enumerate(traj.timesteps.tolist()) if wanted is None or t in wanted]
 
     def pending_pairs(self) -> list[tuple[int, int]]:
-        """(target, step index) pairs not scored yet (scored pairs are files under out_dir/pairs)."""
-        return [(traj.target_id, s) for traj in self.trajectories for s, t in self.selected_steps(traj)
-                if not pair_file(self.out_dir, traj.target_id, t).exists()]
+        """(target, step index) pairs to compute: no pair file, or one made with other inputs, or corrupt."""
+        return [pair for pair, status in self.pair_states() if status != "ok"]
+
+    def pair_states(self) -> list[tuple[tuple[int, int], str]]:
+        """``((target, step index), status)`` of every selected pair; status as :func:`pair_status`."""
+        return [((traj.target_id, s), pair_status(pair_file(self.out_dir, traj.target_id, t),
+                                                  self.pair_keys[(traj.target_id, t)]))
+                for traj in self.trajectories for s, t in self.selected_steps(traj)]
 
     def predict_dataloader(self) -> DataLoader:
-        return DataLoader(PairDataset(self.trajectories, self.pending_pairs()), batch_size=self.hparams.pair_batch_size)
+        states = self.pair_states()
+        self.resume_counts = {k: sum(status == k for _, status in states) for k in ("ok", "missing", "stale", "corrupt")}
+        c = self.resume_counts
+        rank_zero_info(f"score: {c['ok']} of {len(states)} pairs reused from {self.out_dir}, {len(states) - c['ok']} "
+                       f"to compute ({c['missing']} missing, {c['stale']} made with other inputs, {c['corrupt']} "
+                       "corrupt)")
+        pending = [pair for pair, status in states if status != "ok"]
+        return DataLoader(PairDataset(self.trajectories, pending), batch_size=self.hparams.pair_batch_size)
+
+    def _pair_keys(self) -> dict[tuple[int, int], str]:
+        """{(target id, timestep): key}: a hash of everything that changes the pair's scores."""
+        common = json.dumps({"format": 2, "stores": [s.identity() for s in self.stores],
+                             "use_ema": [self._use_ema(s) for s in self.stores],
+                             **{k: self.hparams[k] for k in ("output", "num_draws", "draw_seed", "share_noise",
+                                                             "relative_lam")}}, sort_keys=True, default=str)
+        keys = {}
+        for traj in self.trajectories:
+            mask = self.masks.get(traj.target_id) if isinstance(self.masks, dict) else self.masks
+            for s, t in self.selected_steps(traj):
+                tensors = [("x_t", traj.x_t[s])] + ([("cond", traj.cond)] if traj.cond is not None else []) \
+                    + ([("mask", mask)] if mask is not None else [])
+                inputs = tensors_hash(tensors, prefix=f"{common}|target={traj.target_id}|t={t}|")
+                keys[(traj.target_id, t)] = hashlib.sha256(inputs.encode()).hexdigest()[:32]
+        return keys
 
     def configure_callbacks(self):
         return [ScoreWriter()]
@@ -145,8 +195,12 @@ class AttributionModule(LightningModule):
             x_t, t = batch["x_t"].clone(), batch["t"].clone()
             cond = batch["cond"].clone() if "cond" in batch else None
             grads = [self.target_gradients(m, x_t, t, batch["target"].clone(), cond) for m in range(len(self.stores))]
+            for store, g in zip(self.stores, grads):
+                require_finite(g, "target gradients", f"at checkpoint {store.meta['checkpoint'].get('file')} for "
+                               f"targets {batch['target'].tolist()} at steps {t.tolist()}")
             blocks = iter_score_blocks(self.stores, grads, self.lams)
             scores = torch.cat([b for _, _, b in blocks]).float()
+            require_finite(scores, "scores", f"of targets {batch['target'].tolist()} at steps {t.tolist()}")
         return {"target": batch["target"].cpu(), "t": t.cpu(), "scores": scores}
 
     def target_gradients(self, m: int, x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor,
@@ -154,8 +208,7 @@ class AttributionModule(LightningModule):
         """``(B, d)`` projected gradients of the step output at checkpoint ``m``."""
         task, model = self.tasks[m], self.denoisers[m].eval()
         with torch.no_grad():
-            eps = task.predict_noise(model, x_t, t, cond)
-            estimate = x0_hat(x_t, eps, t, task.alphas_cumprod.to(x_t.device))
+            estimate = task.x0_hat(model, x_t, t, cond)
         out = torch.empty(len(t), self.projectors[m].d, device=x_t.device)
         for rows, mask in self._mask_groups(target):
             output = StepOutput(self.hparams.num_draws, self.hparams.draw_seed, kind=self.hparams.output,
@@ -172,3 +225,102 @@ class AttributionModule(LightningModule):
             return
         for tid in target.unique().tolist():
             yield (target == tid).nonzero().reshape(-1), self.masks[tid]
+
+
+def check_score_settings(output: str, num_draws: int, draw_seed: int, relative_lam: float, topk: int,
+                         steps: Optional[list[int]], target_ids: Optional[list[int]], pair_batch_size: int) -> None:
+    """Refuse settings that cannot give useful scores (before any file is read)."""
+    if output not in ("loss", "square"):
+        raise SettingsError(f"Expected `output` to be 'loss' or 'square', but got {output!r}")
+    for name, value in (("num_draws", num_draws), ("topk", topk), ("pair_batch_size", pair_batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SettingsError(f"Expected `{name}` to be a positive int, but got {value!r}")
+    if isinstance(draw_seed, bool) or not isinstance(draw_seed, int) or draw_seed < 0:
+        raise SettingsError(f"Expected `draw_seed` to be a non-negative int, but got {draw_seed!r}")
+    if not isinstance(relative_lam, (int, float)) or not 0 < relative_lam < float("inf"):
+        raise SettingsError(f"Expected `relative_lam` > 0 (a ridge relative to the mean eigenvalue), but got "
+                            f"{relative_lam}")
+    for name, values in (("steps", steps), ("target_ids", target_ids)):
+        if values is not None and not values:
+            raise SettingsError(f"Expected `{name}` to list at least one value (or None: all), but got []")
+        if values is not None and len(set(values)) != len(values):
+            raise SettingsError(f"Expected `{name}` without repeats, but got {values}")
+
+
+def read_store_checkpoint(store: FeatureStore) -> None:
+    """The checkpoint a store was made from: present, readable, finite, matching its stamped checksum."""
+    info = store.meta.get("checkpoint")
+    file = info.get("file") if isinstance(info, dict) else None
+    if not file:
+        raise CorruptFileError(f"Expected feature store {store.path} to record the checkpoint file it was made from, "
+                               f"but its meta.json records {info!r}; featurize a saved checkpoint")
+    read_checkpoint(file, what=f"the checkpoint {file} of `features` store {store.path}")
+
+
+def read_targets(folder: str, target_ids: Optional[list[int]]) -> list[Trajectory]:
+    """The recorded targets, with one clear error for a missing, unreadable or empty folder or unknown ids."""
+    index = Path(folder) / "targets.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"Expected recorded targets in `targets` folder {str(folder)!r} (a targets.json "
+                                f"written by `cli.py sample`), but found none")
+    try:
+        listed = [int(t["target_id"]) for t in json.loads(index.read_text())["targets"]]
+    except (ValueError, KeyError, TypeError) as err:
+        raise CorruptFileError(f"Expected `targets` index {index} to be a targets.json written by `cli.py sample`, "
+                               f"but it is unreadable ({type(err).__name__}: {err})") from None
+    if not listed:
+        raise TargetsError(f"Expected `targets` folder {folder} to hold at least one target, but {index} lists none")
+    unknown = sorted(set(target_ids or []) - set(listed))
+    if unknown:
+        raise TargetsError(f"Expected `target_ids` among the recorded targets {listed}, but got {unknown}")
+    try:
+        return load_targets(folder, target_ids)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a target file that does not load is a corrupt input
+        raise CorruptFileError(f"Expected the target files listed in {index} to be readable, but loading them failed "
+                               f"({type(err).__name__}: {' '.join(str(err).split())[:200]})") from None
+
+
+def check_targets_data(trajectories: list[Trajectory], stores: list[FeatureStore]) -> None:
+    """Refuse targets recorded from a model trained on other data than the features (N, fingerprint)."""
+    meta, cache = stores[0].meta, {}
+    expected = (meta["N"], meta.get("dataset_fingerprint"))
+    for traj in trajectories:
+        data = _recorded_data(traj, cache)
+        if data and (data.get("num_examples"), data.get("dataset_fingerprint")) != expected:
+            raise CheckpointMismatchError(
+                f"Expected `targets` sampled from a model trained on the features' data (N = {expected[0]}, "
+                f"fingerprint {expected[1]}), but target {traj.target_id} comes from checkpoint "
+                f"{traj.info.get('checkpoint')} trained on N = {data.get('num_examples')}, fingerprint "
+                f"{data.get('dataset_fingerprint')}")
+        if traj.source.startswith("real:") and not 0 <= int(traj.source.split(":")[1]) < expected[0]:
+            raise TargetsError(f"Expected real targets of training images in [0, {expected[0]}), but target "
+                               f"{traj.target_id} is {traj.source}")
+
+
+def _recorded_data(traj: Trajectory, cache: dict) -> Optional[dict]:
+    """The data identity a target records (``info["data"]``), else that of the checkpoint it names, if present."""
+    if traj.info.get("data"):
+        return traj.info["data"]
+    file = traj.info.get("checkpoint")
+    if not file or not Path(file).is_file():
+        return None
+    if file not in cache:
+        try:
+            cache[file] = torch.load(file, map_location="cpu", mmap=True, weights_only=False).get(IDENTITY_KEY)
+        except Exception:  # noqa: BLE001 - an unreadable old checkpoint: nothing recorded to compare
+            cache[file] = None
+    return cache[file]
+
+
+def check_steps(trajectories: list[Trajectory], steps: Optional[list[int]]) -> None:
+    """Refuse ``steps`` that some target did not record (they would score nothing)."""
+    if steps is None:
+        return
+    for traj in trajectories:
+        recorded = traj.timesteps.tolist()
+        missing = sorted(set(int(t) for t in steps) - set(recorded))
+        if missing:
+            raise TargetsError(f"Expected `steps` to be timesteps recorded in every target, but target "
+                               f"{traj.target_id} records {recorded}, not {missing}")

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from attribution.baselines import (SmallConvClassifier, class_fraction, classifier_features, embedding_cosine_scores,
                                    fid_from_features, pixel_cosine_scores, random_scores, topk_indices,
                                    train_classifier)
+from tolerances import EPS32
 
 F64 = torch.float64
 
@@ -39,7 +40,8 @@ def test_pixel_cosine_streamed_equals_dense_reference_and_memmap(tmp_path):
     expected = F.cosine_similarity(train.reshape(103, 1, -1).double(), x0.reshape(1, 5, -1).double(), dim=2)
     got = pixel_cosine_scores(train, x0, block_rows=10)
     assert got.shape == (103, 5)
-    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)
+    # float32 cosine of 32-long vectors: a dot product and two norms, each within 32 eps32 (relative)
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=EPS32 * (2 * 32 + 4))
     np.save(tmp_path / "train.npy", train.numpy())
     mm = np.load(tmp_path / "train.npy", mmap_mode="r")
     torch.testing.assert_close(pixel_cosine_scores(mm, x0, block_rows=7), got)
@@ -69,8 +71,9 @@ def test_embedding_cosine_equals_dense_reference():
 
     train, x0 = torch.randn(33, 1, 4, 4, generator=g), torch.randn(3, 1, 4, 4, generator=g)
     expected = F.cosine_similarity(encoder(train).double()[:, None], encoder(x0).double()[None], dim=2)
+    # float32 embeddings (16-term sums, each within 16 eps32) and their cosine (12-term sums)
     torch.testing.assert_close(embedding_cosine_scores(encoder, train, x0, batch_size=8).double(), expected,
-                               rtol=1e-5, atol=1e-6)
+                               rtol=0, atol=EPS32 * (2 * 16 + 2 * 12 + 4))
     with pytest.raises(ValueError, match="`encoder`"):
         embedding_cosine_scores(lambda x: x, train, x0)
 

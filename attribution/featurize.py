@@ -23,7 +23,9 @@ from attribution.sparse_fast import HashedSparseProjector
 from attribution.outputs import ModelOutput
 from attribution.projectors import Projector
 from attribution.identity import weights_hash
+from attribution.integrity import require_finite
 from attribution.protocol import AttributableDiffusion
+from attribution.ema import ResolvedDenoiser, check_use_ema, resolve_denoiser
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,9 @@ class FeaturizeSettings:
         batch_size: examples per featurize batch.
         chunk_size: examples per vmap call (bounds memory; None: the whole batch).
         dtype: feature storage dtype, "float32" or "float16".
-        use_ema: featurize the EMA weights when the module keeps them.
+        use_ema: None: the EMA weights when the module keeps them, else the raw weights; True: the EMA
+            weights (an error when the module keeps none); False: the raw weights. The store records which
+            (``use_ema``: true or false; see :mod:`attribution.ema`).
     """
 
     proj_dim: int = 2048
@@ -63,9 +67,10 @@ class FeaturizeSettings:
     batch_size: int = 32
     chunk_size: Optional[int] = None
     dtype: str = "float32"
-    use_ema: bool = True
+    use_ema: Optional[bool] = None
 
     def __post_init__(self) -> None:
+        check_use_ema(self.use_ema)
         for name in ("proj_dim", "num_draws", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Expected `{name}` to be a positive int, but got {getattr(self, name)}")
@@ -118,10 +123,15 @@ class CheckpointFeaturizer:
         """Global indices (R,) -> the datamodule's deterministic featurize loader over them."""
         return lambda rows: datamodule.featurize_dataloader(rows.tolist(), batch_size=self.settings.batch_size)
 
-    def prepare(self, module: AttributableDiffusion, data_identity: dict, checkpoint: dict) -> tuple[dict, Projector]:
-        """Store metadata and projector for the module's current weights."""
+    def denoiser(self, module: AttributableDiffusion) -> ResolvedDenoiser:
+        """The module's network that the settings' ``use_ema`` selects (its current weights)."""
+        return resolve_denoiser(module, self.settings.use_ema)
+
+    def prepare(self, module: AttributableDiffusion, data_identity: dict, checkpoint: dict,
+                denoiser: Optional[ResolvedDenoiser] = None) -> tuple[dict, Projector]:
+        """Store metadata and projector for ``denoiser`` (default: :meth:`denoiser` of the module)."""
         s = self.settings
-        model = module.attribution_denoiser(s.use_ema)
+        model, used_ema = denoiser or self.denoiser(module)
         whash = weights_hash(model, s.param_names)
         projector = make_settings_projector(s.projector, model, s.proj_dim,
                                             checkpoint_seed(s.proj_seed, int(whash[:15], 16)), s.param_names)
@@ -129,7 +139,7 @@ class CheckpointFeaturizer:
             "N": int(data_identity["num_examples"]), "d": projector.d, "dtype": s.dtype,
             "dataset_fingerprint": data_identity["dataset_fingerprint"],
             "projector": projector.describe(), "train_output": s.train_output().describe(),
-            "task": module.attribution_task().describe(), "param_names": s.param_names, "use_ema": s.use_ema,
+            "task": module.attribution_task().describe(), "param_names": s.param_names, "use_ema": used_ema,
             "checkpoint": {**checkpoint, "weights_hash": whash},
         }
         return meta, projector
@@ -137,17 +147,20 @@ class CheckpointFeaturizer:
     def run(self, module: AttributableDiffusion, rows_loader: Callable[[torch.Tensor], Any], data_identity: dict,
             store_dir: str | Path, checkpoint: dict, rank: int = 0, world_size: int = 1,
             barrier: Callable[[], None] = lambda: None, device: Optional[torch.device] = None,
-            progress: bool = True) -> tuple[FeatureStore, dict]:
+            progress: bool = True, denoiser: Optional[ResolvedDenoiser] = None) -> tuple[FeatureStore, dict]:
         """Featurize the rows missing from the store at ``store_dir``; rank 0 finalizes when complete.
 
         Args:
+            denoiser: the network to featurize (e.g. a snapshot of the weights a checkpoint saved); default:
+                :meth:`denoiser` of the module, with its current weights.
             rows_loader: global indices (R,) -> an iterable of batches for ``module.attribution_inputs``.
             data_identity: ``num_examples`` and ``dataset_fingerprint`` of the full training set.
             checkpoint: what identifies the checkpoint (file, global_step, ...), stored in the metadata.
         Returns:
             the store and ``{"rows": rows featurized here, "seconds": ...}``.
         """
-        meta, projector = self.prepare(module, data_identity, checkpoint)
+        denoiser = denoiser or self.denoiser(module)
+        meta, projector = self.prepare(module, data_identity, checkpoint, denoiser)
         if rank == 0:
             FeatureStore.open(store_dir, meta, create=True)
         barrier()
@@ -155,19 +168,19 @@ class CheckpointFeaturizer:
         mine = store.missing_rows()[rank::world_size]
         barrier()  # every rank has read the same missing set before anyone writes
         start = time.perf_counter()
-        with _eval_mode(module), torch.random.fork_rng(devices=[]):
-            done = self._featurize_rows(module, projector, store, rows_loader(mine), len(mine), device,
-                                        progress and rank == 0)
+        with _eval_mode(module), _eval_mode(denoiser.model), torch.random.fork_rng(devices=[]):
+            done = self._featurize_rows(module, denoiser.model, projector, store, rows_loader(mine), len(mine),
+                                        device, progress and rank == 0)
         seconds = time.perf_counter() - start
         barrier()
-        if rank == 0 and store.is_complete and (done or not (store.path / "kernel.json").exists()):
+        if rank == 0 and store.is_complete and (done or not store.is_finalized):
             finalize(store)
         barrier()
         return store, {"rows": done, "seconds": seconds}
 
-    def _featurize_rows(self, module, projector, store, batches, total, device, progress) -> int:
+    def _featurize_rows(self, module, model, projector, store, batches, total, device, progress) -> int:
         s = self.settings
-        task, model, output = module.attribution_task(), module.attribution_denoiser(s.use_ema), s.train_output()
+        task, output = module.attribution_task(), s.train_output()
         done = 0
         with tqdm(total=total, unit="row", desc=f"featurize {Path(store.path).name}", disable=not progress) as bar:
             for batch in batches:
@@ -177,10 +190,18 @@ class CheckpointFeaturizer:
                 with torch.enable_grad():
                     features = featurize_batch(task, model, output, projector, x0, index, cond=cond,
                                                     param_names=s.param_names, chunk_size=s.chunk_size)
+                require_finite(features, "features", f"at checkpoint {_checkpoint_name(store)} (store {store.path})",
+                               rows=index.cpu(), row_name="examples")
                 store.write(index.cpu(), features)
                 done += len(index)
                 bar.update(len(index))
         return done
+
+
+def _checkpoint_name(store: FeatureStore) -> str:
+    """The checkpoint a store was made from, for messages: its file, else its global step."""
+    info = store.meta.get("checkpoint") or {}
+    return str(info.get("file") or f"of global step {info.get('global_step')}")
 
 
 class _eval_mode:

@@ -30,11 +30,15 @@ log = logging.getLogger(__name__)
 def parameter_order(model: torch.nn.Module, param_names: Optional[Sequence[str]] = None) -> list[str]:
     """Names of the differentiated parameters, in ``model.named_parameters()`` order.
 
-    ``param_names=None`` selects every parameter with ``requires_grad``. Unknown names raise.
+    ``param_names=None`` selects every parameter with ``requires_grad``; a network none of whose
+    parameters requires grad (a frozen copy, such as the EMA weights of ``AveragedModel`` or of our
+    modules, which are never optimized directly) has all of them differentiated: gradients are taken
+    on frozen weights too, ``requires_grad`` only says what training updates. Unknown names raise.
     """
     named = [n for n, p in model.named_parameters()]
     if param_names is None:
-        return [n for n, p in model.named_parameters() if p.requires_grad]
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        return trainable or named
     wanted = set(param_names)
     unknown = sorted(wanted - set(named))
     if unknown:

@@ -52,7 +52,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _checks
-from .diffusion import add_noise
 from .gradients import parameter_order
 from .seeding import cpu_generator
 from .sparse_fast import HashedSparseProjector
@@ -453,20 +452,17 @@ def _input_requires_grad(module, args):
 def _rows_loss(task, model, output_fn, x0: Tensor, draws, cond: Optional[Tensor]) -> Tensor:
     """``sum_i f(example i)`` with all ``B*K`` rows in one model call (example-major rows).
 
-    Mirrors :meth:`~attribution.outputs.ModelOutput.per_example` (same noising, ``task.predict_noise``,
-    kind, mask and reduction); the test suite checks it against that method.
+    Mirrors :meth:`~attribution.outputs.ModelOutput.per_example` (the same
+    :meth:`~attribution.outputs.ModelOutput.elementwise` error: noising, the model's own loss for its
+    prediction type, kind and mask; the same reduction); the test suite checks it against that method.
     """
     t, noise = draws
     B, K = t.shape
     shape = noise.shape[2:]
     x0_rows = x0.unsqueeze(1).expand(B, K, *shape).reshape(B * K, *shape)
     noise_rows, t_rows = noise.reshape(B * K, *shape), t.reshape(B * K)
-    x_t = add_noise(x0_rows, noise_rows, t_rows, task.alphas_cumprod)
     cond_rows = None if cond is None else cond.unsqueeze(1).expand(B, K, *cond.shape[1:]).reshape(B * K, *cond.shape[1:])
-    eps = task.predict_noise(model, x_t, t_rows, cond_rows)
-    err = (noise_rows - eps) ** 2 if output_fn.kind == "loss" else eps ** 2
-    if output_fn.mask is not None:
-        err = err * output_fn.mask.to(device=err.device, dtype=err.dtype)
+    err = output_fn.elementwise(task, model, x0_rows, noise_rows, t_rows, cond_rows)
     scale = 1.0 / K if output_fn.reduction == "mean" else 1.0
     return err.sum() * scale
 

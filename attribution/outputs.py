@@ -13,11 +13,17 @@ Two functions (SPEC, "The two functions whose gradients are taken"):
 
   with ``x0_hat_t`` held fixed (the caller passes it detached; no gradient flows through it).
 
+Both are the model's *own* training loss, in its own parameterization (``task.prediction_type``): the
+formulas above are the epsilon case; a v-prediction model's loss is ``|| v_k - v_theta(x_t, t) ||^2`` with
+``v_k = sqrt(abar_t) eps_k - sqrt(1 - abar_t) x_0``, a sample-prediction model's ``|| x_0 - x0_theta ||^2``
+(never one rewritten as another: that would change the per-timestep weighting, SPEC "Prediction types").
+
 Reduction: the squared error is summed over all sample elements (channels and pixels), then
 averaged over the K draws for ``TrainLoss`` and summed over the K' draws for ``StepOutput``
 (as written in the paper; a constant factor does not change rankings, but it does change the
 meaning of the ridge ``lambda``). ``kind="square"`` replaces the squared error by D-TRAK's
-squared norm of the predicted noise ``||eps_theta(x_t, t)||^2``. An optional binary ``mask``
+squared norm of the network output ``||out_theta(x_t, t)||^2`` (the predicted noise for
+epsilon-prediction). An optional binary ``mask``
 (broadcastable to one sample, e.g. ``(1, H, W)``) multiplies the squared error pixel-wise
 before summing (patch attribution; for a latent model the caller resizes it to the latent grid).
 
@@ -146,14 +152,31 @@ class ModelOutput(ABC):
         """
         t, noise = draws_i
         K = noise.shape[0]
-        x_t = add_noise(x0.unsqueeze(0).expand_as(noise), noise, t, task.alphas_cumprod)
         cond = None if cond_i is None else cond_i.unsqueeze(0).expand(K, *cond_i.shape)
-        eps = task.predict_noise(model_call, x_t, t, cond)
-        err = (noise - eps) ** 2 if self.kind == "loss" else eps ** 2
-        if self.mask is not None:
-            err = err * self.mask.to(device=err.device, dtype=err.dtype)
+        err = self.elementwise(task, model_call, x0.unsqueeze(0).expand_as(noise), noise, t, cond)
         per_draw = err.reshape(K, -1).sum(dim=1)
         return per_draw.mean() if self.reduction == "mean" else per_draw.sum()
+
+    def elementwise(self, task, model_call: Callable, x0: Tensor, noise: Tensor, t: Tensor,
+                    cond: Optional[Tensor]) -> Tensor:
+        """The (masked) per-element error of ``R`` rows, before any reduction (shared with the layerwise path).
+
+        ``kind="loss"``: ``(target - out)^2``, the model's own training loss in its own parameterization
+        (``task.target``: the noise, ``v`` or ``x0``); ``kind="square"``: ``out^2``, D-TRAK's squared norm
+        of the network output.
+
+        Args:
+            x0, noise: ``(R, *sample_shape)``; t: ``(R,)``; cond: ``None`` or ``(R, L, D)``.
+
+        Returns:
+            ``(R, *sample_shape)``.
+        """
+        x_t = add_noise(x0, noise, t, task.alphas_cumprod)
+        out = task.model_output(model_call, x_t, t, cond)
+        err = (task.target(x0, noise, t) - out) ** 2 if self.kind == "loss" else out ** 2
+        if self.mask is not None:
+            err = err * self.mask.to(device=err.device, dtype=err.dtype)
+        return err
 
     def describe(self) -> dict:
         """Settings to record in store metadata."""

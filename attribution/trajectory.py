@@ -18,8 +18,9 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .diffusion import add_noise, x0_hat
+from .diffusion import add_noise
 from .sampling import SampleResult
+from .task import DiffusionTask
 from .seeding import cpu_generator
 from .atomic import atomic_torch_save, atomic_write_json
 
@@ -89,19 +90,24 @@ def from_samples(result: SampleResult, first_id: int = 0, cond: Optional[Tensor]
 
 
 @torch.no_grad()
-def real_image_target(predict_noise: Callable[[Tensor, Tensor], Tensor], alphas_cumprod: Tensor, image: Tensor,
+def real_image_target(predict_noise: Callable[[Tensor, Tensor], Tensor], task: DiffusionTask | Tensor, image: Tensor,
                       steps: Sequence[int], seed: int, target_id: int, index: Optional[int] = None,
                       cond: Optional[Tensor] = None, info: Optional[dict] = None) -> Trajectory:
     """Attribute an existing picture: noise ``image (C,H,W)`` to each step with noise from ``(seed, t)``.
 
-    ``predict_noise(x_t (S,C,H,W), t (S,)) -> eps`` is the model; ``x0_hat_t`` is its one-step estimate.
+    ``predict_noise(x_t (S,C,H,W), t (S,))`` is the model (its raw output, in ``task.prediction_type``);
+    ``x0_hat_t`` is its one-step estimate (:meth:`~attribution.task.DiffusionTask.split`). ``task`` is the
+    model's :class:`~attribution.task.DiffusionTask`; an ``alphas_cumprod (T,)`` tensor stands for an
+    epsilon-prediction task on that schedule.
     """
+    if isinstance(task, Tensor):
+        task = DiffusionTask(task)
     t = torch.as_tensor(list(steps), dtype=torch.long)
     noise = torch.stack([torch.randn(image.shape, generator=cpu_generator(seed, _REAL_NOISE_STREAM, int(s)))
                          for s in t]).to(image.device, image.dtype)
-    abar = alphas_cumprod.to(image.device)
+    abar = task.alphas_cumprod.to(image.device)
     x_t = add_noise(image.unsqueeze(0).expand_as(noise), noise, t.to(image.device), abar)
-    estimate = x0_hat(x_t, predict_noise(x_t, t.to(image.device)), t.to(image.device), abar)
+    estimate = task.split(predict_noise(x_t, t.to(image.device)), x_t, t.to(image.device))[1]
     return Trajectory(target_id=target_id, seed=seed, timesteps=t, x_t=x_t.cpu(), x0_hat=estimate.cpu(),
                       final=image.cpu(), source="real" if index is None else f"real:{int(index)}",
                       cond=None if cond is None else cond.cpu(), info=dict(info or {}))

@@ -14,6 +14,12 @@ feature formation.
   beside the mean L2 between different targets' samples (the scale of "unrelated").
 * Feature formation: completions from x_t at each recorded step with the original model; the fraction
   the classifier puts in the final image's class.
+
+Every model is called through its task (``attribution_task().model_output``: the raw output in the
+scheduler's parameterization, so a v-prediction model steps right) and conditioned as the targets were
+sampled (their token states, the recorded guidance scale, the module's empty caption as the unconditional
+states). For a latent model, completions and regenerations are decoded (``module.decode``) before the
+classifier, FID and L2 see them.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ import torch
 
 from attribution import class_fraction, classifier_features, fid_from_features
 from attribution.atomic import atomic_save_npy
+from attribution.ema import resolve_denoiser
 from attribution.lds import nan_mean_se, write_table
 from attribution.plots import plot_counterfactual_bars, plot_feature_formation
 from attribution.sampling import ddpm_sample
@@ -45,9 +52,59 @@ def switching_denoiser(original: Callable, retrained: Callable, t: int, delta: i
     return predict
 
 
-def noise_fn(module, use_ema: bool) -> Callable:
-    model = module.attribution_denoiser(use_ema).eval()
-    return lambda x, t: model(x, t).sample
+def noise_fn(module, use_ema: Optional[bool], cond: Optional[torch.Tensor] = None,
+             guidance_scale: float = 1.0) -> Callable:
+    """The sampler's model function of ``module``: its task's raw output (the scheduler's parameterization: eps,
+    v or x0), with the network ``use_ema`` selects (None: EMA when kept), conditioned like the module samples.
+
+    Args:
+        cond: ``None`` (unconditional), ``(L, D)`` (one target's token states, for every row) or ``(B, L, D)``
+            (row i conditioned on ``cond[i]``).
+        guidance_scale: classifier-free guidance ``out_u + w (out_c - out_u)`` with the module's empty-caption
+            states as the unconditional ones (``module.encode_text([""])``), batched as ``LDMModule.guided_noise``.
+    """
+    task, model = module.attribution_task(), resolve_denoiser(module, use_ema).model.eval()
+    if cond is None:
+        return lambda x, t: task.model_output(model, x, t)
+    uncond = module.encode_text([""]) if guidance_scale != 1.0 else None
+
+    def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        c = (cond.unsqueeze(0).expand(len(x), *cond.shape) if cond.ndim == 2 else cond[: len(x)]).to(x.device)
+        if uncond is None:
+            return task.model_output(model, x, t, c)
+        u = uncond.to(device=x.device, dtype=c.dtype).expand_as(c)
+        out_u, out_c = task.model_output(model, torch.cat([x, x]), torch.cat([t, t]), torch.cat([u, c])).chunk(2)
+        return out_u + guidance_scale * (out_c - out_u)
+    return predict
+
+
+def target_noise_fn(module, use_ema: Optional[bool], targets: Sequence[Trajectory]) -> Callable:
+    """:func:`noise_fn` conditioned as ``targets`` were sampled: their conditioning (row i: ``targets[i]``; one
+    target: every row) and the guidance recorded in their info (1: none)."""
+    conds = [t.cond for t in targets]
+    if any(c is None for c in conds):
+        if any(c is not None for c in conds):
+            raise ValueError("Expected every target or none to carry conditioning, but got a mix")
+        return noise_fn(module, use_ema)
+    scales = {float(t.info.get("guidance_scale", 1.0)) for t in targets}
+    if len(scales) != 1:
+        raise ValueError(f"Expected the targets sampled with one guidance scale, but got {sorted(scales)}")
+    cond = conds[0] if len(conds) == 1 else torch.stack(conds)
+    return noise_fn(module, use_ema, cond, scales.pop())
+
+
+def pictures(module, samples: torch.Tensor) -> torch.Tensor:
+    """What a person (and the classifier) looks at: decoded pictures for a latent model, else ``samples``."""
+    decode = getattr(module, "decode", None)
+    return decode(samples) if callable(decode) else samples
+
+
+def _check_same_kind(original, other, name: str) -> None:
+    a, b = original.attribution_task(), other.attribution_task()
+    if (a.prediction_type, a.num_train_timesteps) != (b.prediction_type, b.num_train_timesteps):
+        raise ValueError(f"Expected the retrained model {name} to predict like the original "
+                         f"({a.prediction_type}, T = {a.num_train_timesteps}), but it has "
+                         f"({b.prediction_type}, T = {b.num_train_timesteps})")
 
 
 def completions(predict: Callable, scheduler, x_t: torch.Tensor, t: int, n: int, num_inference_steps: Optional[int],
@@ -106,7 +163,6 @@ def measure_removals(plan: LDSPlan, jobs: Sequence[FitJob], targets: Sequence[Tr
                      num_inference_steps: Optional[int]) -> list[dict]:
     """Per job: FID and mean L2 of completions (at cf_step) and/or forgetting L2 (at forget_step)."""
     scheduler = original.noise_scheduler
-    orig = noise_fn(original, plan.use_ema)
     reference = {}
     rows = []
     for job in jobs:
@@ -114,21 +170,25 @@ def measure_removals(plan: LDSPlan, jobs: Sequence[FitJob], targets: Sequence[Tr
         if record is None:
             continue
         traj, t = targets[info["target_index"]], info["step"]
-        retrained = noise_fn(load_diffusion_module(record["checkpoint"]), plan.use_ema)
+        other = load_diffusion_module(record["checkpoint"])
+        _check_same_kind(original, other, job.name)
+        orig, retrained = (target_noise_fn(m, plan.use_ema, [traj]) for m in (original, other))
         row = {"method": info["method"], "k": info["k"], "step": t, "target_id": info["target_id"]}
         if t == plan.cf_step:
             x_t = traj.x_t[traj.position(t)]
             key = (traj.target_id, t)
             if key not in reference:
-                reference[key] = completions(orig, scheduler, x_t, t, plan.num_completions, num_inference_steps)
-            mixed = completions(switching_denoiser(orig, retrained, t, plan.cf_delta), scheduler, x_t, t,
-                                plan.num_completions, num_inference_steps)
+                reference[key] = pictures(original, completions(orig, scheduler, x_t, t, plan.num_completions,
+                                                                num_inference_steps))
+            mixed = pictures(original, completions(switching_denoiser(orig, retrained, t, plan.cf_delta), scheduler,
+                                                   x_t, t, plan.num_completions, num_inference_steps))
             row["fid"] = fid_from_features(classifier_features(classifier, mixed),
                                            classifier_features(classifier, reference[key]))
             row["completion_l2"] = float(l2(mixed, reference[key]).mean())
         if t == plan.forget_step:
-            regen = regenerate(retrained, scheduler, traj.final.shape, [traj.seed], num_inference_steps)
-            row["forgetting_l2"] = float(l2(regen, traj.final.unsqueeze(0))[0])
+            regen = pictures(other, regenerate(retrained, scheduler, traj.final.shape, [traj.seed],
+                                               num_inference_steps))
+            row["forgetting_l2"] = float(l2(regen, traj.pictures()[1].unsqueeze(0))[0])
         rows.append(row)
     return rows
 
@@ -151,7 +211,8 @@ def summarize(rows: Sequence[dict], metrics=("fid", "completion_l2", "forgetting
 def seed_consistency(plan: LDSPlan, jobs: Sequence[FitJob], targets: Sequence[Trajectory], original,
                      num_inference_steps: Optional[int]) -> list[dict]:
     """L2 between a target regenerated by an independently trained model and the original sample."""
-    finals = torch.stack([t.final for t in targets])
+    finals = torch.stack([t.pictures()[1] for t in targets])
+    shape = targets[0].final.shape
     seeds = [t.seed for t in targets]
     unrelated = torch.cdist(finals.flatten(1), finals.flatten(1))
     off = unrelated[~torch.eye(len(targets), dtype=torch.bool)]
@@ -160,8 +221,10 @@ def seed_consistency(plan: LDSPlan, jobs: Sequence[FitJob], targets: Sequence[Tr
         record = done_record(job.folder)
         if record is None:
             continue
-        other = noise_fn(load_diffusion_module(record["checkpoint"]), plan.use_ema)
-        regen = regenerate(other, original.noise_scheduler, finals.shape[1:], seeds, num_inference_steps)
+        module = load_diffusion_module(record["checkpoint"])
+        _check_same_kind(original, module, job.name)
+        regen = pictures(module, regenerate(target_noise_fn(module, plan.use_ema, targets), original.noise_scheduler,
+                                            shape, seeds, num_inference_steps))
         mean, se, n = nan_mean_se(l2(regen, finals))
         rows.append({"model": job.name, "l2_same_seed_mean": float(mean), "l2_same_seed_se": float(se),
                      "l2_unrelated_mean": float(off.mean()) if off.numel() else math.nan, "n_targets": int(n)})
@@ -171,14 +234,15 @@ def seed_consistency(plan: LDSPlan, jobs: Sequence[FitJob], targets: Sequence[Tr
 def feature_formation(plan: LDSPlan, targets: Sequence[Trajectory], steps: Sequence[int], original, classifier,
                       num_inference_steps: Optional[int]) -> torch.Tensor:
     """``(B, S)`` fraction of completions from x_t (original model) in the class of the target's final image."""
-    orig = noise_fn(original, plan.use_ema)
     with torch.no_grad():
-        final_class = classifier(torch.stack([t.final for t in targets])).argmax(1).tolist()
+        final_class = classifier(torch.stack([t.pictures()[1] for t in targets])).argmax(1).tolist()
     out = torch.full((len(targets), len(steps)), math.nan)
     for s, t in enumerate(steps):
         for b, traj in enumerate(targets):
             x_t = traj.x_t[traj.position(t)]
-            images = completions(orig, original.noise_scheduler, x_t, t, plan.num_completions, num_inference_steps)
+            orig = target_noise_fn(original, plan.use_ema, [traj])
+            images = pictures(original, completions(orig, original.noise_scheduler, x_t, t, plan.num_completions,
+                                                    num_inference_steps))
             out[b, s] = class_fraction(classifier, images, int(final_class[b]))
     return out
 

@@ -19,7 +19,9 @@ from typing import Sequence
 import torch
 
 from attribution import (FeatureStore, StepOutput, embedding_cosine_scores, featurize_batch, lambda_sweep,
-                         pixel_cosine_scores, random_scores, train_classifier, x0_hat)
+                         pixel_cosine_scores, random_scores, train_classifier)
+from attribution.ema import resolve_denoiser
+from attribution.identity import weights_hash
 from attribution.atomic import atomic_torch_save
 from attribution.trajectory import Trajectory, recorded_at
 from attribution.featurize import projector_from_meta
@@ -34,7 +36,7 @@ def target_gradients(store: FeatureStore, targets: Sequence[Trajectory], steps: 
                      kind: str) -> torch.Tensor:
     """``(B * S, d)`` projected gradients of the step output at the store's checkpoint (rows target-major)."""
     module = load_diffusion_module(store.meta["checkpoint"]["file"])
-    task, model = module.attribution_task(), module.attribution_denoiser(plan.use_ema).eval()
+    task, model = module.attribution_task(), store_denoiser(module, store, plan.use_ema).eval()
     x_t = recorded_at(targets, steps, "x_t")
     B, S = x_t.shape[:2]
     x_t = x_t.reshape(B * S, *x_t.shape[2:])
@@ -42,11 +44,25 @@ def target_gradients(store: FeatureStore, targets: Sequence[Trajectory], steps: 
     keys = torch.tensor([tr.target_id for tr in targets]).repeat_interleave(S)
     cond = None if targets[0].cond is None else torch.stack([tr.cond for tr in targets]).repeat_interleave(S, 0)
     with torch.no_grad():
-        estimate = x0_hat(x_t, task.predict_noise(model, x_t, t, cond), t, task.alphas_cumprod)
+        estimate = task.x0_hat(model, x_t, t, cond)
     output = StepOutput(plan.num_draws, plan.draw_seed, kind=kind, share_noise=plan.share_noise)
     with torch.enable_grad():
         return featurize_batch(task, model, output, projector_from_meta(store.meta["projector"], model),
                                     estimate, keys, cond=cond, steps=t, param_names=store.meta.get("param_names"))
+
+
+def store_denoiser(module, store: FeatureStore, use_ema=None) -> torch.nn.Module:
+    """The network of ``module`` that the store was featurized with (``use_ema`` None: the store's recorded
+    choice), refused when its weights are not the store's (weights hash)."""
+    use = store.meta.get("use_ema") if use_ema is None else use_ema
+    model = resolve_denoiser(module, use).model
+    found = weights_hash(model, store.meta.get("param_names"))
+    expected = store.meta["checkpoint"]["weights_hash"]
+    if found != expected:
+        raise ValueError(f"Feature store {store.path} was made from other weights than checkpoint "
+                         f"{store.meta['checkpoint'].get('file')} gives with use_ema={use}: expected weights hash "
+                         f"{expected}, found {found}")
+    return model
 
 
 def trak_scores(stores: Sequence[FeatureStore], grads: Sequence[torch.Tensor], relative_lambdas: Sequence[float],

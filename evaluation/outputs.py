@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import torch
 
 from attribution import StepOutput
+from attribution.ema import resolve_denoiser
 from attribution.atomic import atomic_torch_save
 from attribution.trajectory import Trajectory, recorded_at
 from evaluation.plan import LDSPlan, settings_hash
@@ -39,7 +40,7 @@ def evaluated_steps(targets: Sequence[Trajectory], steps: Optional[Sequence[int]
 def step_outputs(module, targets: Sequence[Trajectory], steps: Sequence[int], plan: LDSPlan,
                  kind: str = "loss") -> torch.Tensor:
     """``(B, S)`` float64 step outputs f_t(x0_hat_t) of ``module`` (no gradients)."""
-    task, model = module.attribution_task(), module.attribution_denoiser(plan.use_ema).eval()
+    task, model = module.attribution_task(), resolve_denoiser(module, plan.use_ema).model.eval()
     device = next(model.parameters()).device
     output = StepOutput(plan.num_draws, plan.draw_seed, kind=kind, share_noise=plan.share_noise)
     x0 = recorded_at(targets, steps, "x0_hat").to(device)

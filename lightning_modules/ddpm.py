@@ -1,7 +1,7 @@
 """DDPM training on a subset mask: a diffusers ``UNet2DModel`` and a ``DDPMScheduler``.
 
-The module trains with the noise-prediction MSE, AdamW with linear warmup and cosine decay, optional
-EMA weights, logs the loss and a sample grid (TensorBoard and PNG), and stamps every checkpoint
+The module trains with the MSE of its own parameterization (``prediction_type``: the noise, v or x0;
+diffusers' convention), AdamW with linear warmup and cosine decay, optional EMA weights, logs the loss and a sample grid (TensorBoard and PNG), and stamps every checkpoint
 with the data identity (N, the mask's hash, the dataset fingerprint) so that features, masks and
 checkpoints can later be checked to belong together.
 """
@@ -18,6 +18,8 @@ from lightning.pytorch import LightningModule
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from attribution import DiffusionTask, add_noise
+from attribution.diffusion import check_prediction_type
+from attribution.ema import MissingEMAError
 from attribution.sampling import ddpm_sample
 from attribution.trajectory import Trajectory, from_samples, real_image_target
 from attribution.identity import data_identity, write_identity
@@ -41,10 +43,13 @@ class DDPMModule(LightningModule):
         beta_schedule: diffusers beta schedule name ("linear", "squaredcos_cap_v2", ...).
         beta_start: first beta of the linear schedule.
         beta_end: last beta of the linear schedule.
+        prediction_type: what the UNet predicts and is trained on: "epsilon" (the noise), "v_prediction"
+            (v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0) or "sample" (x_0); the scheduler's ``prediction_type``.
         lr: peak AdamW learning rate.
         weight_decay: AdamW weight decay.
         warmup_steps: linear warmup steps before the cosine decay.
-        ema_decay: keep EMA weights with this decay (None: no EMA). Sampling and attribution use them.
+        ema_decay: keep EMA weights with this decay (None: no EMA). Sampling uses them when kept; attribution
+            when ``use_ema`` asks (None: when kept).
         sample_every_n_epochs: log a sample grid every this many epochs (0: only at the end).
         num_samples: images in the sample grid.
         sample_inference_steps: DDPM steps used for the grid (fewer than T is faster).
@@ -58,6 +63,7 @@ class DDPMModule(LightningModule):
         beta_schedule: str = "linear",
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
+        prediction_type: str = "epsilon",
         lr: float = 2e-3,
         weight_decay: float = 0.0,
         warmup_steps: int = 100,
@@ -72,10 +78,12 @@ class DDPMModule(LightningModule):
                         sample_inference_steps=sample_inference_steps)
         if ema_decay is not None and not 0.0 < ema_decay < 1.0:
             raise ValueError(f"Expected `ema_decay` to be in (0, 1) or None, but got {ema_decay}")
+        check_prediction_type(prediction_type)
         self.save_hyperparameters(ignore=["unet"])
         self.unet = unet
         self.noise_scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
-                                             beta_start=beta_start, beta_end=beta_end)
+                                             beta_start=beta_start, beta_end=beta_end, prediction_type=prediction_type)
+        self.task = DiffusionTask.from_scheduler(self.noise_scheduler)  # refuses a schedule without signal at T-1
         self.ema = (AveragedModel(unet, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
                     if ema_decay is not None else None)
         if self.ema is not None:
@@ -89,19 +97,22 @@ class DDPMModule(LightningModule):
         return loss
 
     def diffusion_loss(self, x0: torch.Tensor, cond: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Mean noise-prediction MSE at uniformly drawn timesteps; x0 (B,C,H,W) in [-1, 1]."""
+        """Mean MSE of the UNet's output against its target (the noise, v or x0, ``prediction_type``) at
+        uniformly drawn timesteps; x0 (B,C,H,W) in [-1, 1] (latents for the LDM)."""
         noise = torch.randn_like(x0)
         t = torch.randint(0, self.hparams.num_train_timesteps, (x0.shape[0],), device=x0.device)
         x_t = add_noise(x0, noise, t, self.alphas_cumprod)
-        return F.mse_loss(self.predict_noise(x_t, t, cond, ema=False), noise)
+        target = self.task.target(x0, noise, t)  # the noise itself for epsilon-prediction
+        return F.mse_loss(self.predict_noise(x_t, t, cond, ema=False), target)
 
     def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor] = None,
                       ema: bool = True) -> torch.Tensor:
-        """eps_theta(x_t, t), with the EMA weights when kept and ``ema`` is true."""
+        """The UNet's output at (x_t, t), with the EMA weights when kept and ``ema`` is true: eps_theta for
+        epsilon-prediction (v_theta or x0_theta for the other ``prediction_type``)."""
         return self.denoiser(ema)(x_t, t).sample
 
     def denoiser(self, ema: bool = True) -> torch.nn.Module:
-        """The UNet used for sampling and attribution: the EMA copy when kept (and asked for)."""
+        """The UNet used for sampling: the EMA copy when kept (and asked for), else the trained UNet."""
         return self.ema.module if (ema and self.ema is not None) else self.unet
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -144,7 +155,7 @@ class DDPMModule(LightningModule):
                     info: Optional[dict] = None) -> Trajectory:
         """Training image ``index`` as a target: noised to each of ``steps`` with noise from ``seed``."""
         image = datamodule.images([index])[0].to(self.device)
-        return real_image_target(lambda x, t: self.predict_noise(x, t), self.alphas_cumprod, image, steps,
+        return real_image_target(lambda x, t: self.predict_noise(x, t), self.attribution_task(), image, steps,
                                  seed=seed, target_id=target_id, index=index, info=info)
 
     def on_train_epoch_end(self) -> None:
@@ -172,12 +183,18 @@ class DDPMModule(LightningModule):
 
     # ----------------------------------------------------------------- attribution protocol
     def attribution_task(self) -> DiffusionTask:
-        """How the attribution core calls the denoiser (the training noise schedule)."""
+        """How the attribution core calls the denoiser (the training noise schedule and prediction type)."""
         return DiffusionTask.from_scheduler(self.noise_scheduler)
 
-    def attribution_denoiser(self, ema: bool = True) -> torch.nn.Module:
-        """The network whose gradients are featurized and scored."""
-        return self.denoiser(ema)
+    def attribution_denoiser(self, ema: Optional[bool] = None) -> torch.nn.Module:
+        """The network whose gradients are featurized and scored: for ``ema=True`` the EMA copy (an error when the
+        module keeps none: ``ema_decay`` None), for False the trained UNet, for None the EMA copy when kept."""
+        if ema is None:
+            return self.denoiser(True)
+        if ema and self.ema is None:
+            raise MissingEMAError(f"Expected EMA weights (use_ema=True), but this {type(self).__name__} keeps none "
+                                  "(ema_decay is None); use use_ema=False, or None (the EMA weights when kept)")
+        return self.ema.module if ema else self.unet
 
     def attribution_inputs(self, batch: dict[str, torch.Tensor]):
         """(x0 (B,C,H,W) in [-1, 1], global index (B,), no conditioning)."""

@@ -55,7 +55,8 @@ class LDMModule(DDPMModule):
         latent_cache: folder for the latents of all N images (None: computed in memory at fit start).
         sample_prompts: prompts of the sample grid (None: the captions of the first training examples).
         num_samples: images in the sample grid.
-        Other arguments (schedule, optimizer, EMA, sampling): see ``DDPMModule``, passed on as keywords.
+        Other arguments (schedule, ``prediction_type``, optimizer, EMA, sampling): see ``DDPMModule``, passed on
+            as keywords.
     """
 
     def __init__(
@@ -180,13 +181,15 @@ class LDMModule(DDPMModule):
 
     def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor] = None,
                       ema: bool = True) -> torch.Tensor:
-        """eps(x_t, t, cond); ``cond`` None means the unconditional (empty caption) states."""
+        """The UNet's output (eps for epsilon-prediction, v or x0 for the other ``prediction_type``) at
+        (x_t, t, cond); ``cond`` None means the unconditional (empty caption) states."""
         if cond is None:
             cond = self.encode_text([""]).expand(x_t.shape[0], -1, -1)
         return self.denoiser(ema)(x_t, t, encoder_hidden_states=cond).sample
 
     def guided_noise(self, cond: torch.Tensor, guidance_scale: float):
-        """The sampler's noise function with classifier-free guidance for the rows' conditioning ``cond``."""
+        """The sampler's model function with classifier-free guidance for the rows' conditioning ``cond``
+        (guidance combines the raw outputs, in the model's own parameterization, as diffusers' pipelines do)."""
         uncond = self.encode_text([""]).expand_as(cond)
 
         def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -250,7 +253,7 @@ class LDMModule(DDPMModule):
         caption = datamodule.captions([index])[0]
         cond = self.encode_text([caption])
         traj = real_image_target(lambda x, t: self.predict_noise(x, t, cond.expand(len(x), -1, -1)),
-                                 self.alphas_cumprod, encode_latents(self.vae, image)[0], steps, seed=seed,
+                                 self.attribution_task(), encode_latents(self.vae, image)[0], steps, seed=seed,
                                  target_id=target_id, index=index, cond=cond[0],
                                  info={**(info or {}), "latent": True})
         traj.prompt = caption

@@ -49,17 +49,23 @@ class LDSCommands:
                   mask_start: int = 0, mask_stop: Optional[int] = None, max_models: Optional[int] = None) -> list[dict]:
         """Write the J masks and train one model per (mask, seed); finished models are skipped.
 
+        The fits run through ``plan.launcher`` (this process, local submitit workers, or a SLURM job array)
+        and claim their jobs atomically, so several invocations at once never train one model twice.
+
         Args:
-            plan: the evaluation plan (masks, seeds, fit config, workers).
-            mask_start: first mask index of this process (split a sweep over processes or nodes).
+            plan: the evaluation plan (masks, seeds, fit config, launcher, workers, devices).
+            mask_start: first mask index of this invocation (the launcher already spreads the jobs; use this
+                to split a sweep by hand, e.g. over machines without SLURM).
             mask_stop: one past the last mask index (None: all).
             max_models: train at most this many models now (the rest on a later run).
         """
         mask_files = write_random_masks(plan.mask_dir(), datamodule.num_examples, plan.num_masks,
                                         seed=plan.mask_seed, p=plan.fraction)
         jobs = sweep_jobs(plan, mask_files, mask_start, mask_stop)
-        trained = run_jobs(jobs, plan.fit_config, plan.fit_args, plan.runner, plan.workers,
-                           plan.threads_per_worker, max_models, plan.keep_checkpoints)
+        trained = run_jobs(jobs, plan, max_models)
+        if plan.launch_with == "slurm" and not all(job.done for job in jobs):
+            rank_zero_info(f"lds_train: the unfinished jobs were submitted to SLURM as one job array (ids in "
+                           f"{plan.root / 'launcher'}/slurm_<array>.json); rerun lds_train once it has finished")
         _check_first(jobs, model, datamodule)
         done = sum(job.done for job in jobs)
         rank_zero_info(f"lds_train: trained {len(trained)} models now; {done} of {len(jobs)} in masks "
@@ -131,8 +137,11 @@ class LDSCommands:
         steps, report = saved["steps"], saved["report"].tolist()
         removal = cf.removal_jobs(plan, saved["scores"], targets, steps, report, datamodule.num_examples)
         consistency = cf.consistency_jobs(plan)
-        run_jobs(removal + consistency, plan.fit_config, plan.fit_args, plan.runner, plan.workers,
-                 plan.threads_per_worker, max_models, plan.keep_checkpoints)
+        run_jobs(removal + consistency, plan, max_models)
+        if plan.launch_with == "slurm" and not all(job.done for job in removal + consistency):
+            rank_zero_info(f"counterfactual: retraining submitted to SLURM ({plan.root / 'launcher'}); rerun "
+                           f"`counterfactual` once the array has finished to measure the models")
+            return out
         original = load_diffusion_module(targets[0].info["checkpoint"])
         classifier = dataset_classifier(datamodule, plan, plan.root / "report" / "cache")
         n_steps = targets[0].info.get("num_inference_steps")

@@ -8,6 +8,8 @@ Folder layout under ``out_dir``::
 
     masks/mask_000.npy ...          the J subset masks (attribution.masks.write_random_masks)
     models/mask_007_seed_1/         one `cli.py fit` run per (mask, seed); done.json marks it finished
+    models/mask_007_seed_1.claim    held while a worker trains it (evaluation.sweep: atomic job claims)
+    launcher/                       submitit's job files and logs (local workers, SLURM arrays)
     outputs/...                     actual outputs, one cached file per model (lds_outputs)
     report/                         scores per method, LDS tables (CSV/JSON), plots (lds_report)
     counterfactual/                 retrained models, completions, tables and plots (counterfactual)
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 METHODS = ("trak", "trak_1ckpt", "trak_square", "pixel", "embedding", "random")
+LAUNCHERS = ("inprocess", "local", "slurm")
 TRAK_METHODS = {"trak": ("loss", None), "trak_1ckpt": ("loss", 1), "trak_square": ("square", None)}
 
 
@@ -49,7 +52,8 @@ class LDSPlan:
         num_draws: K' of the step output f_t (same for actual outputs and TRAK's target gradients).
         draw_seed: seed of those draws.
         share_noise: D-TRAK noise sharing (must match how the stores were featurized).
-        use_ema: EMA weights of the models when kept.
+        use_ema: None: the EMA weights of every model when it keeps them (TRAK's target side: what each store
+            recorded); True: the EMA weights (an error for a model without); False: the raw weights.
         methods: compared methods, among trak, trak_1ckpt, trak_square, pixel, embedding, random, and
             ``trak@<name>`` for each entry of ``extra_features``.
         extra_features: name -> another folder of the full model's feature stores (e.g. made with another
@@ -70,10 +74,29 @@ class LDSPlan:
         num_completions: completions per target (and per step for feature formation).
         consistency_seeds: extra full-data models (other seeds) for seed consistency.
         formation_steps: sampling steps of the feature-formation curves (None: the recorded steps).
-        workers: models trained side by side (one-thread subprocesses).
-        threads_per_worker: OMP/torch threads of each worker.
-        runner: "subprocess" (`python cli.py fit ...`) or "inprocess" (the same arguments, `cli.main`).
+        workers: ``launcher: local``: worker processes side by side on this machine, each training one model
+            at a time (on a small CPU several one-thread workers beat one multi-thread process).
+        threads_per_worker: OMP/MKL/torch threads of each worker and its fits.
+        runner: how a worker runs a fit: "subprocess" (`python cli.py fit ...`) or "inprocess" (the same
+            arguments through LightningCLI in the worker's own process).
         keep_checkpoints: keep every checkpoint of a subset model (else only the final one, to save disk).
+        launcher: where the fits of ``lds_train`` and ``counterfactual`` run (evaluation.sweep):
+            "inprocess" (one after another in this process), "local" (submitit LocalExecutor: ``workers``
+            processes on this machine) or "slurm" (submitit SlurmExecutor: one job array over the (mask, seed)
+            jobs; submits and returns). None: "inprocess" when ``runner`` is "inprocess", else "local".
+        gpus_per_job: GPUs of each fit. local: worker k sees GPUs [k g, (k + 1) g) of this machine through
+            CUDA_VISIBLE_DEVICES (0: none, the fits run on CPU); slurm: ``--gpus-per-node``.
+        cpus_per_job: slurm: ``--cpus-per-task`` of each array task (None: ``threads_per_worker``).
+        timeout_min: time limit of one fit in minutes (local: the fit subprocess is stopped; slurm: ``--time``).
+        claim_stale_min: a job claim whose owner runs on another host and has not renewed it (every
+            claim_stale_min / 4) for this many minutes is stale and may be taken over; the claim of a live
+            process on this host never is.
+        slurm_partition: ``--partition`` (None: the cluster's default).
+        slurm_account: ``--account`` (None: the user's default).
+        slurm_mem_gb: ``--mem`` in GB per task (None: the partition's default).
+        slurm_array_parallelism: array tasks running at once (``--array=0-<n-1>%<this>``).
+        slurm_setup: shell lines run before each task (e.g. ``module load cuda``, ``source .venv/bin/activate``).
+        slurm_extra: more sbatch flags, name -> value (e.g. ``{"qos": "high", "constraint": "a100"}``).
     """
 
     out_dir: str = "runs/lds_digits"
@@ -94,7 +117,7 @@ class LDSPlan:
     num_draws: int = 16
     draw_seed: int = 0
     share_noise: bool = False
-    use_ema: bool = True
+    use_ema: Optional[bool] = None
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     extra_features: dict[str, str] = field(default_factory=dict)
     paired_versus: list[str] = field(default_factory=lambda: ["pixel"])
@@ -116,6 +139,17 @@ class LDSPlan:
     threads_per_worker: int = 1
     runner: str = "subprocess"
     keep_checkpoints: bool = False
+    launcher: Optional[str] = None
+    gpus_per_job: int = 0
+    cpus_per_job: Optional[int] = None
+    timeout_min: float = 1440.0
+    claim_stale_min: float = 10.0
+    slurm_partition: Optional[str] = None
+    slurm_account: Optional[str] = None
+    slurm_mem_gb: Optional[float] = None
+    slurm_array_parallelism: int = 64
+    slurm_setup: list[str] = field(default_factory=list)
+    slurm_extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("num_masks", "seeds_per_mask", "num_draws", "workers", "threads_per_worker",
@@ -137,6 +171,23 @@ class LDSPlan:
                              f"{self.relative_lambdas}")
         if self.runner not in ("subprocess", "inprocess"):
             raise ValueError(f"Expected `plan.runner` to be 'subprocess' or 'inprocess', but got {self.runner!r}")
+        if self.launcher not in (None, *LAUNCHERS):
+            raise ValueError(f"Expected `plan.launcher` among {list(LAUNCHERS)} (or null), but got {self.launcher!r}")
+        for name in ("slurm_array_parallelism",) + (("cpus_per_job",) if self.cpus_per_job is not None else ()):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"Expected `plan.{name}` to be a positive int, but got {getattr(self, name)!r}")
+        if not isinstance(self.gpus_per_job, int) or self.gpus_per_job < 0:
+            raise ValueError(f"Expected `plan.gpus_per_job` to be an int >= 0, but got {self.gpus_per_job!r}")
+        for name in ("timeout_min", "claim_stale_min") + (("slurm_mem_gb",) if self.slurm_mem_gb is not None else ()):
+            if not float(getattr(self, name)) > 0:
+                raise ValueError(f"Expected `plan.{name}` to be positive (minutes or GB), but got {getattr(self, name)!r}")
+
+    @property
+    def launch_with(self) -> str:
+        """The launcher in use: ``launcher``, or by default "inprocess" for ``runner: inprocess`` else "local"."""
+        if self.launcher is not None:
+            return self.launcher
+        return "inprocess" if self.runner == "inprocess" else "local"
 
     # ----------------------------------------------------------------------- layout
     @property

@@ -8,7 +8,8 @@ Pipeline: :class:`DiffusionTask` (how to call the denoiser) -> :class:`TrainLoss
 
 This package never imports lightning (a test checks it).
 """
-from .diffusion import add_noise, alphas_cumprod_from, schedule_coefficients, x0_hat
+from .diffusion import (PREDICTION_TYPES, add_noise, alphas_cumprod_from, prediction_target, schedule_coefficients,
+                        split_prediction, x0_hat)
 from .fastpath import featurize_batch
 from .gradients import (loop_gradients, num_parameters, parameter_order, per_example_gradients,
                         split_parameters)
@@ -21,7 +22,8 @@ from .store import FeatureStore, StoreMismatchError
 from .task import DiffusionTask, math_attention
 
 __all__ = [
-    "add_noise", "alphas_cumprod_from", "schedule_coefficients", "x0_hat",
+    "PREDICTION_TYPES", "add_noise", "alphas_cumprod_from", "prediction_target", "schedule_coefficients",
+    "split_prediction", "x0_hat",
     "featurize_batch", "loop_gradients", "num_parameters", "parameter_order", "per_example_gradients",
     "split_parameters",
     "Draws", "ModelOutput", "StepOutput", "TrainLoss", "make_output",
@@ -57,3 +59,8 @@ from .sparse_fast import HashedSparseProjector  # noqa: E402
 
 __all__ += ["CPU_VMAP_MAX_PARAMS", "choose_gradient_path", "LayerwiseProjector",
             "featurize_batch_layerwise", "HashedSparseProjector"]
+
+# EK-FAC / K-FAC influence (issue 16): Kronecker-factored curvature, eigenvalue-corrected, TRAK's sign.
+from .ekfac import EKFACFactors, ekfac_damping_sweep, ekfac_gradients, ekfac_scores, fit_ekfac  # noqa: E402
+
+__all__ += ["EKFACFactors", "ekfac_damping_sweep", "ekfac_gradients", "ekfac_scores", "fit_ekfac"]

@@ -66,7 +66,7 @@ def choose_gradient_path(model: torch.nn.Module, sample_shape: Sequence[int], de
 def featurize_batch(task, model: torch.nn.Module, output_fn, projector, x0: Tensor, keys: Tensor,
                     cond: Optional[Tensor] = None, steps: Optional[Tensor] = None,
                     param_names: Optional[Sequence[str]] = None, chunk_size: Optional[int] = None,
-                    gradient_path: str = "auto") -> Tensor:
+                    gradient_path: str = "auto", normalize_draws: bool = False) -> Tensor:
     """Draws -> per-example gradients -> projection, for the training or the target side: the one
     featurize entry point, on the fastest path for ``projector``.
 
@@ -79,12 +79,19 @@ def featurize_batch(task, model: torch.nn.Module, output_fn, projector, x0: Tens
         projector: a :class:`~attribution.projectors.Projector` with ``p`` = number of selected params
             (a layerwise projector defines its own parameters: ``param_names`` must then be None).
         gradient_path: ``"auto"`` (:func:`choose_gradient_path`), ``"vmap"`` or ``"loop"``.
+        normalize_draws: timestep normalization (Diffusion-ReTrac): each (example, draw) gradient is
+            projected on its own and scaled to unit norm before the draws are averaged (summed for a
+            ``StepOutput``), so no timestep dominates by the size of its gradient. The norm is the projected
+            one (a JL projection preserves norms in expectation; exact with the identity projector).
 
     Returns:
         ``(B, d)`` float32 features, identical (up to float rounding) whatever the path.
     """
     _checks.one_of("gradient_path", gradient_path, ("auto", "vmap", "loop"))
     if getattr(projector, "kind", None) == "layerwise":
+        if normalize_draws:
+            raise ValueError("Expected `normalize_draws` False with a layerwise projector (it forms no per-draw "
+                             "gradient), but got True; use a sparse or dense projector")
         if param_names is not None:
             raise ValueError("Expected `param_names` None with a layerwise projector (it selects its own), "
                              f"but got {list(param_names)[:3]}")
@@ -100,8 +107,29 @@ def featurize_batch(task, model: torch.nn.Module, output_fn, projector, x0: Tens
         else gradient_path
     draws = output_fn.draws(keys, x0.shape[1:], steps, num_train_timesteps=task.num_train_timesteps,
                             device=x0.device, dtype=x0.dtype)
+    if normalize_draws:
+        return _normalized_draws(task, model, output_fn, projector, x0, draws, cond, path, param_names, chunk_size)
     if path == "vmap":
         grads = per_example_gradients(task, model, output_fn, x0.detach(), draws, cond, param_names, chunk_size)
     else:
         grads = loop_gradients(task, model, output_fn, x0.detach(), draws, cond, param_names)
     return projector.project(grads).float()
+
+
+def _normalized_draws(task, model, output_fn, projector, x0: Tensor, draws, cond, path: str, param_names,
+                      chunk_size) -> Tensor:
+    """Each draw as its own row (one draw per row), projected, scaled to unit norm, then reduced over draws."""
+    from .outputs import Draws
+
+    B, K = draws.timesteps.shape
+    rows = Draws(draws.timesteps.reshape(B * K, 1), draws.noise.reshape(B * K, 1, *draws.noise.shape[2:]))
+    x0_rows = x0.detach().repeat_interleave(K, dim=0)
+    cond_rows = None if cond is None else cond.repeat_interleave(K, dim=0)
+    if path == "vmap":
+        grads = per_example_gradients(task, model, output_fn, x0_rows, rows, cond_rows, param_names, chunk_size)
+    else:
+        grads = loop_gradients(task, model, output_fn, x0_rows, rows, cond_rows, param_names)
+    feats = projector.project(grads).to(torch.float64).reshape(B, K, -1)
+    unit = feats / feats.norm(dim=2, keepdim=True).clamp(min=torch.finfo(torch.float64).tiny)
+    reduced = unit.mean(dim=1) if output_fn.reduction == "mean" else unit.sum(dim=1)
+    return reduced.float()

@@ -20,7 +20,7 @@ from attribution import (FeatureStore, checkpoint_seed, featurize_batch, finaliz
                          num_parameters)
 from attribution.layerwise import LayerwiseProjector
 from attribution.sparse_fast import HashedSparseProjector
-from attribution.outputs import ModelOutput
+from attribution.outputs import TIMESTEP_SAMPLING, ModelOutput
 from attribution.projectors import Projector
 from attribution.identity import weights_hash
 from attribution.integrity import require_finite
@@ -45,7 +45,8 @@ class FeaturizeSettings:
         proj_seed: experiment seed of the projections; checkpoint m uses checkpoint_seed(proj_seed, id_m).
         num_draws: K, (timestep, noise) draws per example averaged in the training loss.
         draw_seed: seed of the draws; draws for example i depend only on (i, draw_seed).
-        output: training-side function, "loss" (the paper) or "square" (D-TRAK).
+        output: training-side function: "loss" (the paper), or D-TRAK's "square", "l2", "avg" of the
+            network output (attribution.outputs).
         share_noise: share the noise draws between examples and the target side (D-TRAK).
         param_names: differentiate only these parameters (None: all trainable).
         batch_size: examples per featurize batch.
@@ -54,6 +55,10 @@ class FeaturizeSettings:
         use_ema: None: the EMA weights when the module keeps them, else the raw weights; True: the EMA
             weights (an error when the module keeps none); False: the raw weights. The store records which
             (``use_ema``: true or false; see :mod:`attribution.ema`).
+        timesteps: how the K training timesteps of an example are drawn: "uniform" (the paper),
+            "stratified" (one per equal stratum of [0, T)) or "even" (D-TRAK's fixed grid).
+        normalize_draws: timestep normalization (Diffusion-ReTrac): every (example, draw) gradient scaled to
+            unit (projected) norm before the draws are averaged.
     """
 
     proj_dim: int = 2048
@@ -68,14 +73,21 @@ class FeaturizeSettings:
     chunk_size: Optional[int] = None
     dtype: str = "float32"
     use_ema: Optional[bool] = None
+    timesteps: str = "uniform"
+    normalize_draws: bool = False
 
     def __post_init__(self) -> None:
         check_use_ema(self.use_ema)
         for name in ("proj_dim", "num_draws", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Expected `{name}` to be a positive int, but got {getattr(self, name)}")
-        if self.output not in ("loss", "square"):
-            raise ValueError(f"Expected `output` to be 'loss' or 'square', but got {self.output!r}")
+        if self.output not in ("loss", "square", "l2", "avg"):
+            raise ValueError(f"Expected `output` to be 'loss', 'square', 'l2' or 'avg', but got {self.output!r}")
+        if self.timesteps not in TIMESTEP_SAMPLING:
+            raise ValueError(f"Expected `timesteps` in {TIMESTEP_SAMPLING}, but got {self.timesteps!r}")
+        if self.normalize_draws and self.projector == "layerwise":
+            raise ValueError("Expected `normalize_draws` False with the layerwise projector (it forms no per-draw "
+                             "gradient), but got True")
         if self.projector not in PROJECTORS:
             raise ValueError(f"Expected `projector` in {PROJECTORS}, but got {self.projector!r}")
         if self.projector == "layerwise" and self.param_names is not None:
@@ -84,7 +96,7 @@ class FeaturizeSettings:
 
     def train_output(self) -> ModelOutput:
         return make_output(f"train_{self.output}", num_draws=self.num_draws, seed=self.draw_seed,
-                           share_noise=self.share_noise)
+                           share_noise=self.share_noise, timesteps=self.timesteps)
 
 
 def make_settings_projector(kind: str, model: torch.nn.Module, d: int, seed: int,
@@ -140,6 +152,7 @@ class CheckpointFeaturizer:
             "dataset_fingerprint": data_identity["dataset_fingerprint"],
             "projector": projector.describe(), "train_output": s.train_output().describe(),
             "task": module.attribution_task().describe(), "param_names": s.param_names, "use_ema": used_ema,
+            "normalize_draws": s.normalize_draws,
             "checkpoint": {**checkpoint, "weights_hash": whash},
         }
         return meta, projector
@@ -189,7 +202,8 @@ class CheckpointFeaturizer:
                 cond = None if cond is None else cond.to(device)
                 with torch.enable_grad():
                     features = featurize_batch(task, model, output, projector, x0, index, cond=cond,
-                                                    param_names=s.param_names, chunk_size=s.chunk_size)
+                                               param_names=s.param_names, chunk_size=s.chunk_size,
+                                               normalize_draws=s.normalize_draws)
                 require_finite(features, "features", f"at checkpoint {_checkpoint_name(store)} (store {store.path})",
                                rows=index.cpu(), row_name="examples")
                 store.write(index.cpu(), features)

@@ -463,8 +463,7 @@ def _rows_loss(task, model, output_fn, x0: Tensor, draws, cond: Optional[Tensor]
     noise_rows, t_rows = noise.reshape(B * K, *shape), t.reshape(B * K)
     cond_rows = None if cond is None else cond.unsqueeze(1).expand(B, K, *cond.shape[1:]).reshape(B * K, *cond.shape[1:])
     err = output_fn.elementwise(task, model, x0_rows, noise_rows, t_rows, cond_rows)
-    scale = 1.0 / K if output_fn.reduction == "mean" else 1.0
-    return err.sum() * scale
+    return output_fn.rows_total(err, K)
 
 
 def featurize_batch_layerwise(task, model: torch.nn.Module, output_fn, projector: LayerwiseProjector, x0: Tensor,

@@ -51,7 +51,9 @@ __all__ = ["Draws", "ModelOutput", "TrainLoss", "StepOutput", "make_output", "OU
 _TIMESTEP_STREAM = 1
 _NOISE_STREAM = 2
 _SHARED_NOISE_STREAM = 3
-_KINDS = ("loss", "square")
+_KINDS = ("loss", "square", "l2", "avg")
+_ADDITIVE = ("loss", "square")   # kinds whose per-draw value is the sum of the elementwise result
+TIMESTEP_SAMPLING = ("uniform", "stratified", "even")
 
 
 class Draws(NamedTuple):
@@ -82,7 +84,8 @@ class ModelOutput(ABC):
     Args:
         num_draws: K, the number of (timestep, noise) draws per example.
         seed: global seed of the draws.
-        kind: ``"loss"`` (squared denoising error) or ``"square"`` (D-TRAK, ``||eps_theta||^2``).
+        kind: ``"loss"`` (squared denoising error), or D-TRAK's functions of the network output ``out``:
+            ``"square"`` ``||out||^2``, ``"l2"`` ``||out||_2``, ``"avg"`` the mean of ``out``.
         mask: optional binary mask broadcastable to one sample ``(*sample_shape)``.
         share_noise: noise of draw k depends on ``(seed, k)`` only (D-TRAK).
     """
@@ -154,16 +157,30 @@ class ModelOutput(ABC):
         K = noise.shape[0]
         cond = None if cond_i is None else cond_i.unsqueeze(0).expand(K, *cond_i.shape)
         err = self.elementwise(task, model_call, x0.unsqueeze(0).expand_as(noise), noise, t, cond)
-        per_draw = err.reshape(K, -1).sum(dim=1)
+        per_draw = self.per_draw(err)
         return per_draw.mean() if self.reduction == "mean" else per_draw.sum()
+
+    def per_draw(self, err: Tensor) -> Tensor:
+        """``(R,)`` the value of each row (draw) from :meth:`elementwise`'s ``(R, *sample_shape)``: the sum
+        for "loss" and "square", the square root of the sum for "l2", the mean for "avg"."""
+        flat = err.reshape(err.shape[0], -1)
+        if self.kind == "l2":
+            return flat.sum(dim=1).sqrt()
+        return flat.mean(dim=1) if self.kind == "avg" else flat.sum(dim=1)
+
+    def rows_total(self, err: Tensor, num_draws: int) -> Tensor:
+        """``sum_i f(example i)`` from the elementwise result of all ``B * num_draws`` rows (the batched
+        paths: layerwise, EK-FAC), with the reduction over draws."""
+        total = err.sum() if self.kind in _ADDITIVE else self.per_draw(err).sum()
+        return total * (1.0 / num_draws if self.reduction == "mean" else 1.0)
 
     def elementwise(self, task, model_call: Callable, x0: Tensor, noise: Tensor, t: Tensor,
                     cond: Optional[Tensor]) -> Tensor:
         """The (masked) per-element error of ``R`` rows, before any reduction (shared with the layerwise path).
 
         ``kind="loss"``: ``(target - out)^2``, the model's own training loss in its own parameterization
-        (``task.target``: the noise, ``v`` or ``x0``); ``kind="square"``: ``out^2``, D-TRAK's squared norm
-        of the network output.
+        (``task.target``: the noise, ``v`` or ``x0``); ``kind="square"`` and ``"l2"``: ``out^2`` (D-TRAK's
+        squared norm and norm of the network output, after :meth:`per_draw`); ``kind="avg"``: ``out``.
 
         Args:
             x0, noise: ``(R, *sample_shape)``; t: ``(R,)``; cond: ``None`` or ``(R, L, D)``.
@@ -173,7 +190,10 @@ class ModelOutput(ABC):
         """
         x_t = add_noise(x0, noise, t, task.alphas_cumprod)
         out = task.model_output(model_call, x_t, t, cond)
-        err = (task.target(x0, noise, t) - out) ** 2 if self.kind == "loss" else out ** 2
+        if self.kind == "loss":
+            err = (task.target(x0, noise, t) - out) ** 2
+        else:
+            err = out if self.kind == "avg" else out ** 2
         if self.mask is not None:
             err = err * self.mask.to(device=err.device, dtype=err.dtype)
         return err
@@ -188,22 +208,41 @@ class ModelOutput(ABC):
 class TrainLoss(ModelOutput):
     """Training-side function: mean over K draws of the (masked) squared denoising error.
 
-    Timesteps are drawn uniformly from ``[0, T)`` per key; ``steps`` must be None.
+    Timesteps (``steps`` must be None) per key, with ``timesteps``:
+
+    * ``"uniform"`` (the paper): K independent draws from ``[0, T)``;
+    * ``"stratified"``: one uniform draw in each of K equal strata of ``[0, T)`` (every example sees the
+      whole range: less variance than uniform);
+    * ``"even"`` (D-TRAK): the fixed grid ``floor((k + 1/2) T / K)``, the same for every example.
     """
 
     reduction = "mean"
 
     def __init__(self, num_draws: int = 20, seed: int = 0, kind: str = "loss", mask: Optional[Tensor] = None,
-                 share_noise: bool = False) -> None:
+                 share_noise: bool = False, timesteps: str = "uniform") -> None:
         super().__init__(num_draws, seed, kind, mask, share_noise)
+        self.timestep_sampling = _checks.one_of("timesteps", timesteps, TIMESTEP_SAMPLING)
 
     def _timesteps(self, keys, steps, num_train_timesteps):
         if steps is not None:
             raise ValueError("Expected `steps` to be None for TrainLoss (timesteps are drawn), but got a tensor")
         T = _checks.positive_int("num_train_timesteps", num_train_timesteps)
-        rows = [torch.randint(0, T, (self.num_draws,), generator=cpu_generator(self.seed, _TIMESTEP_STREAM, k))
-                for k in keys.tolist()]
-        return torch.stack(rows) if rows else torch.empty(0, self.num_draws, dtype=torch.long)
+        K = self.num_draws
+        if self.timestep_sampling == "even":
+            grid = ((torch.arange(K, dtype=torch.float64) + 0.5) * T / K).floor().long().clamp(max=T - 1)
+            return grid.unsqueeze(0).expand(len(keys), K).clone()
+        rows = []
+        for k in keys.tolist():
+            g = cpu_generator(self.seed, _TIMESTEP_STREAM, k)
+            if self.timestep_sampling == "uniform":
+                rows.append(torch.randint(0, T, (K,), generator=g))
+            else:
+                u = torch.rand(K, generator=g, dtype=torch.float64)
+                rows.append(((torch.arange(K, dtype=torch.float64) + u) * T / K).floor().long().clamp(max=T - 1))
+        return torch.stack(rows) if rows else torch.empty(0, K, dtype=torch.long)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "timesteps": self.timestep_sampling}
 
 
 class StepOutput(ModelOutput):
@@ -231,16 +270,20 @@ class StepOutput(ModelOutput):
 OUTPUTS = {
     "loss": (StepOutput, "loss"),
     "square": (StepOutput, "square"),
+    "l2": (StepOutput, "l2"),
+    "avg": (StepOutput, "avg"),
     "train_loss": (TrainLoss, "loss"),
     "train_square": (TrainLoss, "square"),
+    "train_l2": (TrainLoss, "l2"),
+    "train_avg": (TrainLoss, "avg"),
 }
 
 
 def make_output(name: str, **kw) -> ModelOutput:
     """Select an output function by name.
 
-    ``"loss"`` / ``"square"``: target-side :class:`StepOutput` (Eq. 3 / D-TRAK square);
-    ``"train_loss"`` / ``"train_square"``: training-side :class:`TrainLoss`.
+    ``"loss"`` / ``"square"`` / ``"l2"`` / ``"avg"``: target-side :class:`StepOutput` (Eq. 3 / D-TRAK's);
+    ``"train_<kind>"``: the training-side :class:`TrainLoss` of the same kind (``timesteps`` sets its draws).
     Keyword arguments go to the constructor (``num_draws``, ``seed``, ``mask``, ``share_noise``).
     """
     cls, kind = OUTPUTS[_checks.one_of("name", name, OUTPUTS)]

@@ -31,16 +31,19 @@ class TrakFeaturizeCallback(Callback):
     Args:
         out_dir: where stores go (default: ``features/`` beside the checkpoints folder).
         proj_dim, projector, proj_seed, num_draws, draw_seed, output, share_noise, param_names,
-        batch_size, chunk_size, dtype, use_ema: see :class:`attribution.featurize.FeaturizeSettings`.
+        batch_size, chunk_size, dtype, use_ema, timesteps, normalize_draws: see
+        :class:`attribution.featurize.FeaturizeSettings`.
     """
 
     def __init__(self, out_dir: Optional[str] = None, proj_dim: int = 2048, projector: str = "sparse",
                  proj_seed: int = 0, num_draws: int = 10, draw_seed: int = 0, output: str = "loss",
                  share_noise: bool = False, param_names: Optional[list[str]] = None, batch_size: int = 32,
-                 chunk_size: Optional[int] = None, dtype: str = "float32", use_ema: Optional[bool] = None) -> None:
+                 chunk_size: Optional[int] = None, dtype: str = "float32", use_ema: Optional[bool] = None,
+                 timesteps: str = "uniform", normalize_draws: bool = False) -> None:
         self.out_dir = out_dir
         self.settings = FeaturizeSettings(proj_dim, projector, proj_seed, num_draws, draw_seed, output, share_noise,
-                                          param_names, batch_size, chunk_size, dtype, use_ema)
+                                          param_names, batch_size, chunk_size, dtype, use_ema, timesteps,
+                                          normalize_draws)
         self.featurizer = CheckpointFeaturizer(self.settings)
         self._pending: list[dict] = []
         self._resumed: Optional[dict] = None

@@ -108,6 +108,6 @@ def test_per_example_matches_formulas(setup):
 
 
 def test_describe_records_settings():
-    desc = TrainLoss(num_draws=3, seed=9, share_noise=True).describe()
+    desc = TrainLoss(num_draws=3, seed=9, share_noise=True, timesteps="stratified").describe()
     assert desc == {"output": "TrainLoss", "num_draws": 3, "seed": 9, "kind": "loss", "share_noise": True,
-                    "reduction": "mean", "mask": None}
+                    "reduction": "mean", "mask": None, "timesteps": "stratified"}

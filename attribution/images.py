@@ -42,6 +42,6 @@ def square_resize(images: torch.Tensor, image_size: int) -> torch.Tensor:
 def square_resize_hwc(pixels: np.ndarray, image_size: int) -> np.ndarray:
     """:func:`square_resize` of one uint8 picture ``(H, W)`` or ``(H, W, C)``, returned in the same layout."""
     array = np.asarray(pixels, dtype=np.uint8)
-    chw = torch.from_numpy(np.ascontiguousarray(array if array.ndim == 3 else array[..., None])).permute(2, 0, 1)
+    chw = torch.from_numpy(np.array(array if array.ndim == 3 else array[..., None], copy=True)).permute(2, 0, 1)
     out = square_resize(chw, image_size).permute(1, 2, 0).contiguous().numpy()
     return out if array.ndim == 3 else out[..., 0]

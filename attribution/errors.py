@@ -9,7 +9,7 @@ from __future__ import annotations
 
 __all__ = ["AttributionInputError", "SettingsError", "SettingsTypeError", "CorruptFileError", "NonFiniteError",
            "StoreMismatchError", "CheckpointMismatchError", "SubsetMaskError", "ShardError", "PatchError",
-           "TargetsError", "DataSourceError"]
+           "TargetsError", "DataSourceError", "ProtocolError"]
 
 
 class AttributionInputError(ValueError):
@@ -58,3 +58,8 @@ class TargetsError(AttributionInputError):
 
 class DataSourceError(AttributionInputError):
     """A datamodule's source (array file, image folder, ...) cannot be read as training images."""
+
+
+class ProtocolError(AttributionInputError, TypeError):
+    """A LightningModule or datamodule lacks members of the attribution protocol (``attribution/protocol.py``);
+    also a ``TypeError``."""

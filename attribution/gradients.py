@@ -22,7 +22,8 @@ from . import _checks
 from .outputs import Draws, ModelOutput
 from .task import DiffusionTask, math_attention
 
-__all__ = ["parameter_order", "split_parameters", "per_example_gradients", "loop_gradients", "num_parameters"]
+__all__ = ["parameter_order", "adapter_parameters", "split_parameters", "per_example_gradients", "loop_gradients",
+           "num_parameters"]
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +31,18 @@ log = logging.getLogger(__name__)
 def parameter_order(model: torch.nn.Module, param_names: Optional[Sequence[str]] = None) -> list[str]:
     """Names of the differentiated parameters, in ``model.named_parameters()`` order.
 
-    ``param_names=None`` selects every parameter with ``requires_grad``; a network none of whose
-    parameters requires grad (a frozen copy, such as the EMA weights of ``AveragedModel`` or of our
-    modules, which are never optimized directly) has all of them differentiated: gradients are taken
-    on frozen weights too, ``requires_grad`` only says what training updates. Unknown names raise.
+    ``param_names=None`` selects every parameter with ``requires_grad`` (for a PEFT-adapted network, e.g. a
+    LoRA UNet, only its adapter parameters); a network none of whose parameters requires grad (a frozen
+    copy, such as the EMA weights of ``AveragedModel`` or of our modules, which are never optimized
+    directly) has all of them differentiated, or only its adapter parameters when it has PEFT adapter
+    layers (the EMA copy of a LoRA network): gradients are taken on frozen weights too, ``requires_grad``
+    only says what training updates. Unknown names raise.
     """
     named = [n for n, p in model.named_parameters()]
     if param_names is None:
         trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-        return trainable or named
+        adapters = set() if trainable else adapter_parameters(model)
+        return trainable or [n for n in named if n in adapters] or named
     wanted = set(param_names)
     unknown = sorted(wanted - set(named))
     if unknown:
@@ -46,6 +50,20 @@ def parameter_order(model: torch.nn.Module, param_names: Optional[Sequence[str]]
     if not wanted:
         raise ValueError("Expected `param_names` to name at least one parameter, but got an empty list")
     return [n for n in named if n in wanted]
+
+
+def adapter_parameters(model: torch.nn.Module) -> set[str]:
+    """Names of the adapter parameters of the PEFT tuner layers in ``model`` (LoRA's ``lora_A``/``lora_B``, ...).
+
+    Duck-typed on peft's ``BaseTunerLayer.adapter_layer_names`` (no import of peft): empty for other networks.
+    """
+    names: set[str] = set()
+    for prefix, module in model.named_modules():
+        for attr in getattr(type(module), "adapter_layer_names", ()) or ():
+            container = getattr(module, attr, None)
+            if isinstance(container, (torch.nn.ModuleDict, torch.nn.ParameterDict)):
+                names.update(f"{prefix}.{attr}.{n}".lstrip(".") for n, _ in container.named_parameters())
+    return names
 
 
 def num_parameters(model: torch.nn.Module, param_names: Optional[Sequence[str]] = None) -> int:

@@ -21,13 +21,16 @@ from .errors import CheckpointMismatchError  # noqa: E402  (re-exported: part of
 
 
 def data_identity(datamodule: Any) -> dict[str, Any]:
-    """N, mask hash, subset size and fingerprint of a datamodule of this project ({} for other data)."""
-    if datamodule is None or not hasattr(datamodule, "fingerprint"):
+    """N and fingerprint of a datamodule with ``num_examples`` and ``fingerprint`` ({} for other data), and the
+    subset's size and mask hash when it has ``subset_indices`` and ``mask_hash`` (None otherwise)."""
+    if datamodule is None or not hasattr(datamodule, "fingerprint") or not hasattr(datamodule, "num_examples"):
         return {}
+    subset = getattr(datamodule, "subset_indices", None)
+    mask = getattr(datamodule, "mask_hash", None)
     return {
         "num_examples": int(datamodule.num_examples),
-        "subset_size": int(len(datamodule.subset_indices)),
-        "mask_hash": str(datamodule.mask_hash),
+        "subset_size": None if subset is None else int(len(subset)),
+        "mask_hash": None if mask is None else str(mask),
         "dataset_fingerprint": str(datamodule.fingerprint),
     }
 
@@ -41,13 +44,25 @@ def read_identity(checkpoint: dict[str, Any]) -> Optional[dict[str, Any]]:
 
 
 def check_identity(checkpoint: dict[str, Any], datamodule: Any, source: str = "checkpoint") -> None:
-    """Raise ``CheckpointMismatchError`` when the checkpoint's N or dataset fingerprint differ from the data's."""
+    """Raise ``CheckpointMismatchError`` when the checkpoint's N or dataset fingerprint differ from the data's.
+
+    A diffusers pipeline folder (``"pretrained"`` entry, see :mod:`attribution.pretrained`) records no data: the
+    datamodule names it, and only the datamodule's identity is required.
+    """
     stamped, current = read_identity(checkpoint), data_identity(datamodule)
-    if not stamped or not current:
-        missing = "the checkpoint" if not stamped else "the datamodule"
+    if not current:
         raise CheckpointMismatchError(
-            f"Cannot check {source!s} against the data: {missing} carries no data identity "
-            f"(N and dataset fingerprint). Train with a datamodule of this project, or featurize with one.")
+            f"Cannot check {source!s} against the data: the datamodule ({type(datamodule).__name__}) carries no data "
+            "identity: expected `num_examples` (N of the full training set) and `fingerprint` (see "
+            "attribution/protocol.py, DATAMODULE_MEMBERS)")
+    if not stamped and checkpoint.get("pretrained"):
+        return
+    if not stamped:
+        raise CheckpointMismatchError(
+            f"Cannot check {source!s} against the data: it records no data identity (N and dataset fingerprint): it "
+            "was saved neither by a module of this project nor by a fit with TrakFeaturizeCallback (which stamps the "
+            "checkpoints of any module); featurize while training with the callback, or give a diffusers pipeline "
+            "folder (save_pretrained), whose data the datamodule names")
     for key in ("num_examples", "dataset_fingerprint"):
         if stamped.get(key) != current.get(key):
             raise CheckpointMismatchError(
@@ -65,10 +80,15 @@ def tensors_hash(named_tensors: Iterable[tuple[str, torch.Tensor]], prefix: str 
 
 
 def weights_hash(model: torch.nn.Module, param_names: Optional[list[str]] = None) -> str:
-    """The hash of the differentiated parameters, in parameter order: the checkpoint's identity in a store."""
+    """The hash of every parameter of ``model`` in ``named_parameters()`` order: a checkpoint's identity in a store.
+
+    All parameters, whatever ``param_names`` differentiates (it is checked to name parameters of the model):
+    the frozen ones (a LoRA adapter's base weights) shape the gradients too. When every parameter is
+    differentiated this is the hash of the differentiated parameters in parameter order.
+    """
     from attribution.gradients import parameter_order
-    params = dict(model.named_parameters())
-    return tensors_hash((name, params[name]) for name in parameter_order(model, param_names))
+    parameter_order(model, param_names)  # unknown names raise
+    return tensors_hash(model.named_parameters())
 
 
 def check_checkpoint(path: Path, model: torch.nn.Module, datamodule: Any) -> dict:
@@ -86,7 +106,12 @@ def check_checkpoint(path: Path, model: torch.nn.Module, datamodule: Any) -> dic
                   if given[k] != expected[k]][:3]
         raise CheckpointMismatchError(
             f"checkpoint {path} does not match the model configuration: expected its state_dict to have the "
-            f"model's parameters, but missing {missing}, unexpected {unexpected}, shape differences {shapes}")
+            f"model's parameters, but missing {missing}, unexpected {unexpected}, shape differences {shapes}"
+            + ("; build the model from the folder: --model=lightning_modules.PretrainedDiffusion "
+               f"--model.path={path}" if checkpoint.get("pretrained") else ""))
+    if checkpoint.get("pretrained") and callable(getattr(model, "attribution_task", None)):
+        from attribution.pretrained import check_pretrained_task
+        check_pretrained_task(checkpoint, model.attribution_task(), source=f"checkpoint {path}")
     if callable(getattr(model, "check_checkpoint", None)):  # module-specific checks (the LDM's VAE identity)
         model.check_checkpoint(checkpoint, source=f"checkpoint {path}")
     return checkpoint

@@ -117,6 +117,9 @@ def read_checkpoint(path: str | Path, argument: str = "checkpoint", map_location
                     what: Optional[str] = None) -> dict:
     """Load a checkpoint for use: readable, its weights finite and equal to the checksum it was saved with.
 
+    ``path`` may also be a diffusers pipeline folder (``save_pretrained``); see
+    :func:`attribution.pretrained.read_pretrained`.
+
     Messages name the file as "`argument` <path>", or as ``what`` when given (e.g. "the checkpoint <path> of
     `features` store <folder>").
 
@@ -127,9 +130,12 @@ def read_checkpoint(path: str | Path, argument: str = "checkpoint", map_location
     """
     path = Path(path)
     named = what or f"`{argument}` {path}"
+    if path.is_dir():  # a diffusers pipeline folder (save_pretrained): its UNet's weights, no data identity
+        from .pretrained import read_pretrained
+        return _check_finite_weights(read_pretrained(path, argument), named)
     if not path.is_file():
-        raise FileNotFoundError(f"Expected {what or f'`{argument}`'} to be a checkpoint file, but {str(path)!r} does "
-                                "not exist")
+        raise FileNotFoundError(f"Expected {what or f'`{argument}`'} to be a checkpoint file or a diffusers pipeline "
+                                f"folder, but {str(path)!r} does not exist")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as err:  # noqa: BLE001 - any reader failure means the file is not a readable checkpoint
@@ -143,8 +149,12 @@ def read_checkpoint(path: str | Path, argument: str = "checkpoint", map_location
     if stamp and stamp.get("state_dict_hash") != _state_checksum(state):
         raise CorruptFileError(f"Expected the weights in {named} to match the checksum stamped when it "
                                f"was saved ({stamp.get('state_dict_hash')}), but they differ: the file is corrupt")
-    bad = [name for name, t in state.items() if isinstance(t, torch.Tensor) and t.is_floating_point()
-           and not bool(torch.isfinite(t).all())]
+    return _check_finite_weights(checkpoint, named)
+
+
+def _check_finite_weights(checkpoint: dict, named: str) -> dict:
+    bad = [name for name, t in checkpoint["state_dict"].items() if isinstance(t, torch.Tensor)
+           and t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
         raise NonFiniteError(f"Expected finite weights in {named}, but {len(bad)} tensors hold NaN/inf "
                              f"(first: {bad[:3]}); the training diverged: retrain with a lower learning rate")

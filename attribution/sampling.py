@@ -107,6 +107,19 @@ def _model_input_scale(scheduler, t) -> Optional[torch.Tensor]:
     return None if factor is one or torch.equal(factor, one) else factor
 
 
+def scheduler_from_task(task: DiffusionTask):
+    """A diffusers ``DDPMScheduler`` on exactly the task's training schedule (its ``alphas_cumprod`` table, bit for
+    bit) and ``prediction_type``, no clipping: the sampler for a model known only through its task."""
+    from diffusers import DDPMScheduler
+
+    abar = task.alphas_cumprod.double()
+    betas = 1 - abar / torch.cat([abar.new_ones(1), abar[:-1]])
+    scheduler = DDPMScheduler(num_train_timesteps=task.num_train_timesteps, trained_betas=betas.numpy(),
+                              prediction_type=task.prediction_type, clip_sample=False)
+    scheduler.alphas_cumprod = task.alphas_cumprod.clone()  # the table itself (step() reads only this)
+    return scheduler
+
+
 @torch.no_grad()
 def ddpm_sample(
     predict_noise: PredictNoise,

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .diffusion import add_noise
-from .sampling import SampleResult
+from .sampling import SampleResult, ddpm_sample
 from .task import DiffusionTask
 from .seeding import cpu_generator
 from .atomic import atomic_torch_save, atomic_write_json
@@ -87,6 +87,33 @@ def from_samples(result: SampleResult, first_id: int = 0, cond: Optional[Tensor]
                        cond=None if cond is None else cond[i].detach().cpu(),
                        prompt=None if prompts is None else prompts[i], info=dict(info or {}))
             for i in range(len(result.seeds))]
+
+
+def sample_targets(predict: Callable[[Tensor, Tensor], Tensor], scheduler, sample_shape: Sequence[int],
+                   seeds: Sequence[int], record_steps: Optional[Sequence[int]] = None,
+                   num_inference_steps: Optional[int] = None, cond: Optional[Tensor] = None,
+                   prompts: Optional[Sequence[str]] = None, info: Optional[dict] = None, first_id: int = 0,
+                   device: torch.device | str = "cpu") -> list[Trajectory]:
+    """Targets from any model: sample ``len(seeds)`` trajectories and record them (the helper for your own loop).
+
+    Args:
+        predict: ``(x_t (B, C, H, W), t (B,) long) -> the network output`` in the scheduler's ``prediction_type``
+            (for a conditional model, close over the rows' conditioning, e.g. ``lambda x, t: task.model_output(
+            net, x, t, cond)``; guidance, if any, goes in there too).
+        scheduler: any diffusers scheduler (see :func:`attribution.sampling.ddpm_sample`); for a model known only
+            through its :class:`~attribution.task.DiffusionTask`, :func:`attribution.sampling.scheduler_from_task`.
+        sample_shape: ``(C, H, W)`` of what the denoiser works on (latents for an LDM).
+        seeds: one seed per target; target ``first_id + i`` is sampled from ``seeds[i]``.
+        record_steps: the timesteps to record (None: every step).
+        cond: ``(B, L, D)`` conditioning stored with the targets (scoring attributes with it), or None.
+        prompts, info: stored with the targets (``info``: e.g. the checkpoint and its data identity).
+
+    Returns:
+        One :class:`Trajectory` per seed; :func:`save_targets` writes them for ``cli.py score``.
+    """
+    result = ddpm_sample(predict, scheduler, sample_shape, seeds, num_inference_steps=num_inference_steps,
+                         record=True, record_steps=record_steps, device=device)
+    return from_samples(result, first_id=first_id, cond=cond, prompts=prompts, info=info)
 
 
 @torch.no_grad()

@@ -1,11 +1,15 @@
 """``TrakFeaturizeCallback``: TRAK features for every checkpoint, while training.
 
-Plug it into any Lightning diffusion project whose LightningModule implements the three methods of
-``attribution.protocol``. Each time a checkpoint is saved, the callback snapshots the weights it will
-featurize (``use_ema``: the EMA copy when kept; with Lightning's ``WeightAveraging``, the averaged copy the
+Plug it into any Lightning diffusion project whose LightningModule and datamodule implement
+``attribution.protocol`` (checked in :meth:`TrakFeaturizeCallback.setup`, before any training step, with one error
+naming every missing member; the data's samples are checked to fit the denoiser too). Each time a checkpoint is
+saved, the callback snapshots the weights it will featurize (``use_ema``: the EMA copy when kept; with Lightning's ``WeightAveraging``, the averaged copy the
 checkpoint holds) as they are saved; right after (before the next optimizer step, or at the end of training)
 it featurizes the *whole* training set with exactly those weights (whatever hook updates the EMA after the
-save) into ``<out_dir>/<checkpoint name>/`` and finalizes the store, so scoring can start. Override :meth:`should_featurize` for another schedule (e.g. every second checkpoint).
+save) into ``<out_dir>/<checkpoint name>/`` and finalizes the store, so scoring can start. The store records the
+checkpoint's absolute path, and the checkpoint itself is stamped with the data identity (N, fingerprint) when its
+module does not stamp one, so ``cli.py featurize``/``sample`` can check it later. Override
+:meth:`should_featurize` for another schedule (e.g. every second checkpoint).
 """
 from __future__ import annotations
 
@@ -21,8 +25,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from attribution.ema import ResolvedDenoiser, resolve_denoiser
 from attribution.featurize import CheckpointFeaturizer, FeaturizeSettings
-from attribution.protocol import check_protocol
-from attribution.identity import data_identity
+from attribution.protocol import check_inputs_fit, check_protocol
+from attribution.identity import data_identity, read_identity, write_identity
 
 
 class TrakFeaturizeCallback(Callback):
@@ -56,15 +60,18 @@ class TrakFeaturizeCallback(Callback):
 
     # ----------------------------------------------------------------- Lightning hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit":
-            check_protocol(pl_module)
-            resolve_denoiser(pl_module, self.settings.use_ema)  # use_ema=True without an EMA: refused before training
+        if stage == "fit":  # every refusal before the first training step
+            check_protocol(pl_module, trainer.datamodule)
+            resolve_denoiser(pl_module, self.settings.use_ema)  # use_ema=True without an EMA
+            check_inputs_fit(pl_module, trainer.datamodule)  # data (channels, size) against the UNet
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         # Lightning saves in ModelCheckpoint's on_train_batch_end, before the module's own hook (where EMA weights
         # are commonly updated): the weights are snapshotted now, as they are saved, and featurized later.
         self._pending = [{"global_step": int(trainer.global_step), "epoch": int(trainer.current_epoch),
                           "weights": _snapshot(trainer, pl_module, self.settings.use_ema)}]
+        if not read_identity(checkpoint):  # a foreign module's checkpoint: the data it was trained on
+            write_identity(checkpoint, data_identity(trainer.datamodule))
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._flush(trainer, pl_module)
@@ -88,7 +95,7 @@ class TrakFeaturizeCallback(Callback):
         if not pending:
             return
         path = _last_checkpoint_path(trainer)
-        info = {**pending[-1], "file": None if path is None else str(path)}
+        info = {**pending[-1], "file": None if path is None else str(Path(path).absolute())}
         weights = info.pop("weights")
         if not self.should_featurize(trainer, pl_module, path):
             return
@@ -178,7 +185,7 @@ def _recorded_file(store_dir: Path, path: str | Path) -> str:
     stored = json.loads(meta.read_text()).get("checkpoint", {}).get("file") if meta.is_file() else None
     if stored and Path(stored).is_file() and os.path.samefile(stored, path):
         return stored
-    return str(path)
+    return str(Path(path).absolute())
 
 
 def _last_checkpoint_path(trainer: Trainer) -> Optional[str]:

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from attribution.featurize import CheckpointFeaturizer
 from attribution.identity import data_identity
+from attribution.pretrained import read_pretrained
 
 
 class FeaturizeRunner(LightningModule):
@@ -37,7 +38,8 @@ class FeaturizeRunner(LightningModule):
                 self.results.append(self._featurize_one(ckpt_path, store_dir))
 
     def _featurize_one(self, ckpt_path: Path, store_dir: Path) -> dict:
-        checkpoint = torch.load(ckpt_path, map_location=self.device, weights_only=False)
+        checkpoint = read_pretrained(ckpt_path) if Path(ckpt_path).is_dir() else torch.load(
+            ckpt_path, map_location=self.device, weights_only=False)  # a diffusers pipeline folder, or a file
         self.module.load_state_dict(checkpoint["state_dict"])
         info = checkpoint_info(ckpt_path, checkpoint)
         loader = self.featurizer.rows_loader(self.data)
@@ -49,6 +51,7 @@ class FeaturizeRunner(LightningModule):
 
 
 def checkpoint_info(ckpt_path: Path, checkpoint: dict) -> dict:
-    """What a store records about the checkpoint it was made from (file, global step, epoch)."""
-    return {"file": str(ckpt_path), "global_step": int(checkpoint.get("global_step", -1)),
+    """What a store records about the checkpoint it was made from: the file (or pipeline folder) as an absolute
+    path, so that it resolves from any working directory; global step, epoch."""
+    return {"file": str(Path(ckpt_path).absolute()), "global_step": int(checkpoint.get("global_step", -1)),
             "epoch": int(checkpoint.get("epoch", -1))}

@@ -14,13 +14,15 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from attribution.errors import CheckpointMismatchError, SettingsError
 from attribution.featurize import CheckpointFeaturizer, FeaturizeSettings
-from attribution.identity import check_checkpoint, data_identity, read_identity
+from attribution.identity import check_checkpoint, check_identity, data_identity, read_identity
 from attribution.images import save_grid
 from attribution.integrity import read_checkpoint, require_finite
 from attribution.masks import write_random_masks
-from attribution.protocol import check_protocol
+from attribution.pretrained import is_pretrained_folder
+from attribution.protocol import check_protocol, first_inputs
+from attribution.sampling import scheduler_from_task
 from attribution.store import FeatureStore
-from attribution.trajectory import save_targets
+from attribution.trajectory import Trajectory, real_image_target, sample_targets, save_targets
 from callbacks.run_checks import RunChecks
 from callbacks.trak_featurize import TrakFeaturizeCallback
 from commands.featurize_runner import FeaturizeRunner, checkpoint_info
@@ -70,15 +72,17 @@ class AttributionTrainer(LDSCommands, Trainer):
         """Featurize saved checkpoints (one file or a folder of *.ckpt) over the whole training set, and finalize.
 
         Args:
-            checkpoints: a checkpoint file, or a folder whose *.ckpt files are each featurized.
-            out_dir: where stores go (default: features/ beside each checkpoints folder); one store per checkpoint.
+            checkpoints: a checkpoint file, a folder whose *.ckpt files are each featurized, or a diffusers
+                pipeline folder (``save_pretrained``; with ``--model=lightning_modules.PretrainedDiffusion
+                --model.path=<folder>``; the datamodule names its data), or a folder of such folders.
+            out_dir: where stores go (default: features/ beside each checkpoints folder, or beside a pipeline
+                folder); one store per checkpoint.
             settings: featurize settings; default: those of the TrakFeaturizeCallback in the config, if any.
         """
-        check_protocol(model)
+        check_protocol(model, datamodule)
         checkpoints = find_checkpoints(checkpoints)
         settings = settings or self._callback_settings() or FeaturizeSettings()
-        jobs = [(path, Path(out_dir) / path.stem if out_dir else path.parent.parent / "features" / path.stem)
-                for path in checkpoints]
+        jobs = [(path, Path(out_dir) / path.stem if out_dir else default_store_dir(path)) for path in checkpoints]
         featurizer = CheckpointFeaturizer(settings)
         states = [check_featurize_job(model, datamodule, featurizer, path, store) for path, store in jobs]
         rank_zero_info(f"featurize: {len(jobs)} checkpoints checked; stores: "
@@ -95,8 +99,13 @@ class AttributionTrainer(LDSCommands, Trainer):
                real_indices: Optional[list[int]] = None, prompts: Optional[list[str]] = None) -> Path:
         """Generate targets from a checkpoint and record their trajectories (and real images as targets).
 
+        Any module of the protocol (``attribution/protocol.py``) works: ours sample with their own scheduler and
+        guidance (``record_targets``/``real_target``); another one with :func:`attribution.trajectory.sample_targets`,
+        a DDPM sampler on exactly its task's schedule and prediction type (unconditional models).
+
         Args:
-            checkpoint: the checkpoint to sample from (checked against the model and data first).
+            checkpoint: the checkpoint to sample from (checked against the model and data first); a diffusers
+                pipeline folder too (with ``--model=lightning_modules.PretrainedDiffusion --model.path=<folder>``).
             out_dir: folder for target_XXXX.pt, targets.json and targets.png.
             num_targets: how many images to generate; target i uses seed `seed + i`.
             seed: seed of the first target.
@@ -108,19 +117,27 @@ class AttributionTrainer(LDSCommands, Trainer):
         """
         check_sample_request(datamodule, num_targets, num_inference_steps, num_record_steps, record_steps,
                              real_indices)
+        check_protocol(model, datamodule)
         loaded = check_checkpoint(Path(checkpoint), model, datamodule)
         model.load_state_dict(loaded["state_dict"])
         model.to(self.strategy.root_device).eval()
-        steps = record_steps or evenly_spaced_steps(model.noise_scheduler, num_inference_steps, num_record_steps)
+        own = callable(getattr(model, "record_targets", None)) and callable(getattr(model, "real_target", None))
+        scheduler = getattr(model, "noise_scheduler", None) if own else scheduler_from_task(model.attribution_task())
+        steps = record_steps or evenly_spaced_steps(scheduler, num_inference_steps, num_record_steps)
         if prompts:  # cycled over the targets
             prompts = [prompts[i % len(prompts)] for i in range(num_targets)]
-        info = {"checkpoint": str(checkpoint), "num_inference_steps": num_inference_steps,
-                "data": read_identity(loaded)}
-        targets = model.record_targets(list(range(seed, seed + num_targets)), num_inference_steps, steps,
-                                       prompts=prompts, info=info) if num_targets else []
-        for j, index in enumerate(real_indices or []):
-            targets.append(model.real_target(datamodule, index, steps, seed=seed + num_targets + j,
-                                             target_id=num_targets + j, info=info))
+        info = {"checkpoint": str(Path(checkpoint).absolute()), "num_inference_steps": num_inference_steps,
+                "data": read_identity(loaded) or data_identity(datamodule)}  # a pipeline folder: the data given
+        seeds = list(range(seed, seed + num_targets))
+        if own:
+            targets = model.record_targets(seeds, num_inference_steps, steps, prompts=prompts, info=info) \
+                if num_targets else []
+            targets += [model.real_target(datamodule, index, steps, seed=seed + num_targets + j,
+                                          target_id=num_targets + j, info=info)
+                        for j, index in enumerate(real_indices or [])]
+        else:
+            targets = protocol_targets(model, datamodule, scheduler, seed, num_targets, num_inference_steps, steps,
+                                       prompts, real_indices, info, self.strategy.root_device)
         for target in targets:  # before anything is written
             for name in ("x_t", "x0_hat", "final"):
                 require_finite(getattr(target, name), f"recorded `{name}`",
@@ -160,10 +177,12 @@ def check_resume(ckpt_path: Optional[Union[str, Path]], datamodule: Any) -> None
     source = f"`ckpt_path` {ckpt_path}"
     if callable(getattr(datamodule, "check_resume", None)):
         datamodule.check_resume(checkpoint, source)
+    elif read_identity(checkpoint) and data_identity(datamodule):  # a datamodule of the protocol: N, fingerprint
+        check_identity(checkpoint, datamodule, source)
     elif read_identity(checkpoint):
-        raise CheckpointMismatchError(f"Cannot check {source} against the data: it was trained on a datamodule of "
-                                      f"this project, but the datamodule given now ({type(datamodule).__name__}) "
-                                      "carries no data identity (N, fingerprint, mask hash)")
+        raise CheckpointMismatchError(f"Cannot check {source} against the data: it records the data it was trained "
+                                      f"on, but the datamodule given now ({type(datamodule).__name__}) carries no "
+                                      "data identity (`num_examples`, `fingerprint`)")
 
 
 def check_featurize_job(model: LightningModule, datamodule: Any, featurizer: CheckpointFeaturizer,
@@ -212,12 +231,48 @@ def evenly_spaced_steps(scheduler, num_inference_steps: Optional[int], count: in
 
 
 def find_checkpoints(checkpoints: str) -> list[Path]:
-    """A checkpoint file, or the sorted *.ckpt files of a folder (recursively); error when there are none."""
+    """A checkpoint file; a diffusers pipeline folder; the sorted *.ckpt files of a folder (recursively), else the
+    pipeline folders in it (e.g. one per training step); error when there are none."""
     path = Path(checkpoints)
-    if path.is_file():
+    if path.is_file() or is_pretrained_folder(path):
         return [path]
     found = sorted(p for p in path.rglob("*.ckpt") if not p.stem.startswith("last")) if path.is_dir() else []
+    found = found or (sorted(p for p in path.iterdir() if is_pretrained_folder(p)) if path.is_dir() else [])
     if not found:
-        raise FileNotFoundError(f"Expected `checkpoints` to be a checkpoint file or a folder holding *.ckpt files, "
-                                f"but {str(path)!r} {'holds none' if path.is_dir() else 'does not exist'}")
+        raise FileNotFoundError(f"Expected `checkpoints` to be a checkpoint file, a folder holding *.ckpt files or a "
+                                f"diffusers pipeline folder (save_pretrained: unet/, scheduler/), but {str(path)!r} "
+                                f"{'holds none' if path.is_dir() else 'does not exist'}")
     return found
+
+
+def default_store_dir(path: Path) -> Path:
+    """``<run>/features/<name>`` for ``<run>/checkpoints/<name>.ckpt``; ``<parent>/features/<name>`` for a
+    pipeline folder ``<parent>/<name>``."""
+    return (path.parent if path.is_dir() else path.parent.parent) / "features" / path.stem
+
+
+def protocol_targets(model: Any, datamodule: Any, scheduler: Any, seed: int, num_targets: int,
+                     num_inference_steps: Optional[int], steps: list[int], prompts: Optional[list[str]],
+                     real_indices: Optional[list[int]], info: dict, device: torch.device) -> list[Trajectory]:
+    """Targets of a module known only through the protocol (unconditional models): ``num_targets`` samples (seeds
+    ``seed``, ``seed + 1``, ...) from its denoiser (the EMA one when kept) with ``scheduler``, then the training
+    examples ``real_indices`` as the denoiser sees them (``attribution_inputs``), noised to ``steps``."""
+    from attribution.ema import resolve_denoiser
+
+    task, (net, ema) = model.attribution_task(), resolve_denoiser(model, None)
+    net = net.to(device).eval()
+    x0, _, cond = first_inputs(model, datamodule)
+    if cond is not None or prompts:
+        raise SettingsError(f"Expected an unconditional model for `cli.py sample` with {type(model).__name__} (it has "
+                            "no record_targets), but its attribution_inputs give conditioning; record targets in your "
+                            "own loop with attribution.trajectory.sample_targets(predict, scheduler, ..., cond=...)")
+    predict = lambda x, t: task.model_output(net, x, t)  # noqa: E731
+    info = {**info, "sampler": type(scheduler).__name__, "use_ema": ema}
+    seeds = list(range(seed, seed + num_targets))
+    targets = sample_targets(predict, scheduler, tuple(x0.shape[1:]), seeds, steps, num_inference_steps, info=info,
+                             device=device) if seeds else []
+    for j, index in enumerate(real_indices or []):
+        image = first_inputs(model, datamodule, int(index))[0][0].to(device)
+        targets.append(real_image_target(predict, task, image, steps, seed=seed + num_targets + j,
+                                         target_id=num_targets + j, index=int(index), info=info))
+    return targets

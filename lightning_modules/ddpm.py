@@ -20,10 +20,14 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from attribution import DiffusionTask, add_noise
 from attribution.diffusion import check_prediction_type
 from attribution.ema import MissingEMAError
+from attribution.errors import SettingsError
+from attribution.pretrained import load_pretrained_scheduler, load_pretrained_unet
+from attribution.protocol import check_sample_shape
 from attribution.sampling import ddpm_sample
 from attribution.trajectory import Trajectory, from_samples, real_image_target
 from attribution.identity import data_identity, write_identity
 from attribution.images import save_grid
+from lightning_modules.adapters import adapter_record, base_network, rebuild_adapters
 
 
 def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, trainer, warmup_steps: int) -> dict:
@@ -89,6 +93,54 @@ class DDPMModule(LightningModule):
         if self.ema is not None:
             self.ema.requires_grad_(False)
         self.register_buffer("alphas_cumprod", self.noise_scheduler.alphas_cumprod.clone().float(), persistent=False)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, **kwargs: Any) -> "DDPMModule":
+        """The module around a diffusers pipeline folder (``save_pretrained``: ``unet/``, ``scheduler/``), eval mode.
+
+        The UNet is the folder's; the noise schedule and ``prediction_type`` come from the folder's scheduler
+        (``scheduler/scheduler_config.json``), which is also the one used for sampling. ``kwargs``: the module's
+        other arguments (sampling, optimizer, ...).
+        """
+        return cls._around_folder(folder, kwargs)
+
+    @classmethod
+    def _around_folder(cls, folder: str | Path, kwargs: dict) -> "DDPMModule":
+        unet, scheduler = load_pretrained_unet(folder), load_pretrained_scheduler(folder)
+        config = scheduler.config
+        schedule = {"num_train_timesteps": int(config.num_train_timesteps),
+                    "beta_schedule": str(config.get("beta_schedule", "linear")),
+                    "beta_start": float(config.get("beta_start", 1e-4)),
+                    "beta_end": float(config.get("beta_end", 0.02)),
+                    "prediction_type": str(config.get("prediction_type", "epsilon"))}
+        given = sorted(set(schedule) & set(kwargs))
+        if given:
+            raise SettingsError(f"Expected no {given} beside the pretrained folder {folder} (they come from its "
+                                f"scheduler/scheduler_config.json: {[schedule[k] for k in given]}), but got "
+                                f"{[kwargs[k] for k in given]}")
+        # LightningCLI builds `PretrainedDiffusion(path=...)` inside a context whose hyperparameters would replace the
+        # module's own (its `vae`, ...) in save_hyperparameters: the module records its own arguments
+        from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+        token = _given_hyperparameters.set(None)
+        try:
+            module = cls(unet, **schedule, **kwargs)
+        finally:
+            _given_hyperparameters.reset(token)
+        module.use_noise_scheduler(scheduler)
+        return module.eval()
+
+    def use_noise_scheduler(self, scheduler) -> None:
+        """Train, attribute and sample with ``scheduler`` (a diffusers scheduler: its schedule, prediction type)."""
+        self.noise_scheduler = scheduler
+        self.task = DiffusionTask.from_scheduler(scheduler)
+        self.alphas_cumprod = self.task.alphas_cumprod.clone().to(self.alphas_cumprod.device)
+
+    def setup(self, stage: str) -> None:
+        """Before fitting: refuse data whose (channels, size) do not fit the UNet (``in_channels``, ``sample_size``)."""
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if stage == "fit" and hasattr(datamodule, "image_shape"):
+            check_sample_shape(datamodule.image_shape, self.unet,
+                               f"the images of {type(datamodule).__name__} (its image_shape)")
 
     # ----------------------------------------------------------------- training
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -203,8 +255,12 @@ class DDPMModule(LightningModule):
     # ----------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         write_identity(checkpoint, data_identity(self.trainer.datamodule))
-        checkpoint["unet_config"] = dict(self.unet.config)
-        checkpoint["unet_class"] = f"{type(self.unet).__module__}.{type(self.unet).__qualname__}"
+        unet = base_network(self.unet)  # inside a peft wrapper
+        checkpoint["unet_config"] = dict(unet.config)
+        checkpoint["unet_class"] = f"{type(unet).__module__}.{type(unet).__qualname__}"
+        checkpoint["unet_adapters"] = adapter_record(self.unet)  # LoRA etc.: rebuilt by from_checkpoint
+        checkpoint["noise_scheduler"] = {"class": type(self.noise_scheduler).__name__,  # e.g. a pretrained folder's
+                                         "config": dict(self.noise_scheduler.config)}
         checkpoint["module_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
 
     @classmethod
@@ -216,9 +272,13 @@ class DDPMModule(LightningModule):
         checkpoint = path if isinstance(path, dict) else torch.load(path, map_location=map_location,
                                                                      weights_only=False)
         unet_class = _import(checkpoint.get("unet_class", "diffusers.UNet2DModel"))
-        unet = unet_class.from_config(checkpoint["unet_config"])
+        unet = rebuild_adapters(unet_class.from_config(checkpoint["unet_config"]), checkpoint.get("unet_adapters"))
         hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
         module = cls(unet, **hparams)
+        saved = checkpoint.get("noise_scheduler")
+        if saved:  # the scheduler itself (a pretrained folder's may have trained betas, another sampler class)
+            import diffusers
+            module.use_noise_scheduler(getattr(diffusers, saved["class"]).from_config(saved["config"]))
         module.load_state_dict(checkpoint["state_dict"])
         module.on_load_checkpoint(checkpoint)
         return module

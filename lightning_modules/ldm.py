@@ -33,6 +33,7 @@ from diffusers import UNet2DConditionModel
 from attribution.sampling import ddpm_sample
 from attribution.atomic import atomic_torch_save
 from attribution.trajectory import Trajectory, from_samples, real_image_target
+from attribution.errors import SettingsError
 from attribution.identity import CheckpointMismatchError
 from lightning_modules.ddpm import DDPMModule
 from attribution.text_encoder import FrozenTextEncoder
@@ -83,6 +84,21 @@ class LDMModule(DDPMModule):
         self._frozen: dict[str, Any] = {}  # the VAE and the text encoder: loaded on first use, never saved
         self._expected_vae_hash: Optional[str] = None
         self._latents: Optional[torch.Tensor] = None
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, vae: Optional[str] = None, text_encoder: Optional[str] = None,
+                        text_max_length: Optional[int] = None, **kwargs: Any) -> "LDMModule":
+        """The LDM around a Stable Diffusion-layout folder (``unet/``, ``scheduler/``, ``vae/``, ``text_encoder/``,
+        ``tokenizer/``): its UNet and scheduler (see ``DDPMModule.from_pretrained``), its VAE and text encoder
+        unless ``vae``/``text_encoder`` name others, ``text_max_length`` default: the text encoder's positions."""
+        folder = Path(folder)
+        if text_max_length is None:
+            import json
+            config = folder / "text_encoder" / "config.json"
+            text_max_length = int(json.loads(config.read_text()).get("max_position_embeddings", 77)) \
+                if config.is_file() else 77
+        return cls._around_folder(folder, {"vae": vae or str(folder), "text_encoder": text_encoder or str(folder),
+                                           "text_max_length": text_max_length, **kwargs})
 
     # ----------------------------------------------------------------- frozen parts
     @property
@@ -143,8 +159,9 @@ class LDMModule(DDPMModule):
             latents = saved["latents"]
         shape = self.sample_shape()
         if tuple(latents.shape[1:]) != shape:
-            raise ValueError(f"Expected the VAE's latents to match the UNet (in_channels, sample_size) = {shape}, "
-                             f"but `vae` {self.hparams.vae!r} gives latents of shape {tuple(latents.shape[1:])}")
+            raise SettingsError(f"Expected the VAE's latents to fit the UNet (in_channels, sample_size) = {shape}, but "
+                                f"`vae` {self.hparams.vae!r} gives latents of shape {tuple(latents.shape[1:])} for the "
+                                "data: set the UNet's in_channels/sample_size, or the data's image_size")
         self._latents = latents
         return latents
 

@@ -22,6 +22,7 @@ from diffusers import AutoencoderKL
 from lightning.pytorch import LightningModule
 
 from lightning_modules.ddpm import warmup_cosine_schedule
+from attribution.errors import SettingsError
 from attribution.identity import tensors_hash
 from attribution.images import save_grid
 
@@ -131,6 +132,10 @@ def encode_latents(vae: AutoencoderKL, images: torch.Tensor, batch_size: Optiona
     ``batch_size`` images go through the encoder at once; the default 1 makes every latent independent
     of how images are batched (bit for bit), so cached and freshly encoded latents agree exactly.
     """
+    if images.ndim != 4 or images.shape[1] != vae.config.in_channels:
+        raise SettingsError(f"Expected images with the VAE's in_channels = {vae.config.in_channels} channels, but got "
+                            f"images of shape {tuple(images.shape)}: the data's channels (e.g. `grayscale`) and the "
+                            "VAE must agree")
     scale, shift = _scale_shift(vae)
     step = batch_size or len(images)
     means = [vae.encode(images[i:i + step]).latent_dist.mean for i in range(0, len(images), step)]

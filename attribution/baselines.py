@@ -6,8 +6,14 @@ target, so the same :func:`attribution.lds.lds` and top-k code applies to them.
 * :func:`pixel_cosine_scores`: cosine similarity of flattened pixels between each training image
   and ``x0_hat``, streamed over blocks of training rows.
 * :func:`embedding_cosine_scores`: the same in the feature space of any encoder (CLIP in the
-  paper; offline here: :class:`SmallConvClassifier`'s penultimate features).
+  paper; offline here: :class:`SmallConvClassifier`'s penultimate features), encoded and compared
+  block by block (no N x D features).
 * :func:`random_scores`: the random baseline.
+
+Training images may be a tensor, a (memory-mapped) numpy array, or any *image source*: an object with
+``shape (N, C, H, W)`` whose ``source[start:stop]`` and ``source[index_tensor]`` return float images (e.g.
+``evaluation.methods.DatasetImages`` over a datamodule): the baselines and :func:`train_classifier` read
+it block by block, so the N training images never have to be in memory as float32.
 
 For FID and feature formation: :class:`SmallConvClassifier` / :func:`train_classifier` (plain torch,
 deterministic), :func:`fid_from_features` (the project's one FID: Frechet distance with ``scipy.linalg.sqrtm``, tested
@@ -36,15 +42,23 @@ _EPS = 1e-12
 
 
 def _check_images(name: str, images, expect: str = "(n, C, H, W)") -> None:
-    if not isinstance(images, (Tensor, np.ndarray)):
-        raise TypeError(f"Expected `{name}` to be a tensor or array {expect}, but got {type(images).__name__}")
-    if images.ndim != 4 or images.shape[0] == 0:
+    source = not isinstance(images, (Tensor, np.ndarray)) and hasattr(images, "shape") and hasattr(images, "__getitem__")
+    if not isinstance(images, (Tensor, np.ndarray)) and not source:
+        raise TypeError(f"Expected `{name}` to be a tensor, array or image source {expect}, but got "
+                        f"{type(images).__name__}")
+    if len(images.shape) != 4 or images.shape[0] == 0:
         raise ValueError(f"Expected `{name}` of shape {expect} with n >= 1, but got {tuple(images.shape)}")
 
 
 def _rows(images: Images, start: int, stop: int) -> Tensor:
     block = images[start:stop]
     return torch.from_numpy(np.array(block)) if isinstance(block, np.ndarray) else block  # copies one block
+
+
+def _batch(images: Images, index: Tensor) -> Tensor:
+    """Float images at ``index (k,)`` of a tensor, array or image source."""
+    block = images[index.numpy()] if isinstance(images, np.ndarray) else images[index]
+    return (torch.from_numpy(np.array(block)) if isinstance(block, np.ndarray) else block).float()
 
 
 def _unit_rows(x: Tensor) -> Tensor:
@@ -101,10 +115,15 @@ def embedding_cosine_scores(encoder: Callable[[Tensor], Tensor], train_images: I
     _check_images("x0_hat", x0_hat, "(B, C, H, W)")
     _checks.positive_int("batch_size", batch_size)
     targets = _unit_rows(_encode(encoder, x0_hat, batch_size, "x0_hat"))
-    train = _unit_rows(_encode(encoder, train_images, batch_size, "train_images"))
-    if train.shape[1] != targets.shape[1]:
-        raise ValueError(f"Expected `encoder` features of one width, but got {train.shape[1]} and {targets.shape[1]}")
-    return (train @ targets.T).float()
+    out = torch.empty(train_images.shape[0], targets.shape[0])
+    for start in range(0, train_images.shape[0], batch_size):
+        stop = min(start + batch_size, train_images.shape[0])
+        train = _unit_rows(_encode(encoder, _rows(train_images, start, stop), batch_size, "train_images"))
+        if train.shape[1] != targets.shape[1]:
+            raise ValueError(f"Expected `encoder` features of one width, but got {train.shape[1]} and "
+                             f"{targets.shape[1]}")
+        out[start:stop] = (train @ targets.T).float()
+    return out
 
 
 def random_scores(N: int, B: int, seed: int) -> Tensor:
@@ -168,7 +187,8 @@ def train_classifier(images: Tensor, labels: Tensor, epochs: int = 30, lr: float
     """Train a :class:`SmallConvClassifier` with AdamW and cross-entropy; deterministic given ``seed``.
 
     Args:
-        images: ``(n, C, H, W)`` float, square, e.g. scaled to [-1, 1] like the diffusion data.
+        images: ``(n, C, H, W)`` float, square, e.g. scaled to [-1, 1] like the diffusion data: a tensor, or an
+            image source read one minibatch at a time (see the module docstring).
         labels: ``(n,)`` integer classes in ``[0, num_classes)``; ``num_classes = labels.max() + 1``.
 
     Returns the model in eval mode. Initialisation and shuffling use their own generator
@@ -189,11 +209,10 @@ def train_classifier(images: Tensor, labels: Tensor, epochs: int = 30, lr: float
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * -(-len(labels) // batch_size))
     gen = torch.Generator().manual_seed(seed + 1)
-    images = images.float()
     model.train()
     for _ in range(epochs):
         for idx in torch.randperm(len(labels), generator=gen).split(batch_size):
-            loss = F.cross_entropy(model(images[idx]), labels[idx])
+            loss = F.cross_entropy(model(_batch(images, idx)), labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

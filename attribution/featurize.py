@@ -1,9 +1,11 @@
 """Featurize one checkpoint into one feature store: the work shared by the callback and ``cli.py featurize``.
 
 Every example of the *full* training set is featurized (LDS and counterfactuals need every example,
-not only the subset the model saw). Under DDP each rank takes a disjoint share of the rows still
-missing from the store (``missing[rank::world_size]``), so every example is featurized exactly once
-and a killed run resumes with only the missing rows.
+not only the subset the model saw). Under DDP each rank takes a disjoint, contiguous share of the rows
+still missing from the store (``FeatureStore.rank_share``) and writes it into its own part of the store,
+which rank 0 merges before finalizing (``FeatureStore.part`` / ``merge_parts``: no two ranks write the same
+file, see :mod:`attribution.store` for the file-system assumption); every example is featurized exactly
+once and a killed run resumes with only the missing rows.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from attribution.layerwise import LayerwiseProjector
 from attribution.sparse_fast import HashedSparseProjector
 from attribution.outputs import TIMESTEP_SAMPLING, ModelOutput
 from attribution.projectors import Projector
+from attribution.gradients import parameter_order
 from attribution.identity import weights_hash
 from attribution.integrity import require_finite
 from attribution.protocol import AttributableDiffusion
@@ -139,6 +142,16 @@ class CheckpointFeaturizer:
         """The module's network that the settings' ``use_ema`` selects (its current weights)."""
         return resolve_denoiser(module, self.settings.use_ema)
 
+    def recorded_param_names(self, model: torch.nn.Module) -> Optional[list[str]]:
+        """The store's ``param_names``: the setting when given; else None when every parameter of ``model`` is
+        differentiated, or the names of those that are (a PEFT/LoRA network: its adapter parameters), so that
+        scoring differentiates exactly the same ones whatever ``requires_grad`` the reloaded network has."""
+        s = self.settings
+        if s.param_names is not None or s.projector == "layerwise":
+            return s.param_names
+        names = parameter_order(model, None)
+        return None if len(names) == len(list(model.parameters())) else names
+
     def prepare(self, module: AttributableDiffusion, data_identity: dict, checkpoint: dict,
                 denoiser: Optional[ResolvedDenoiser] = None) -> tuple[dict, Projector]:
         """Store metadata and projector for ``denoiser`` (default: :meth:`denoiser` of the module)."""
@@ -151,8 +164,8 @@ class CheckpointFeaturizer:
             "N": int(data_identity["num_examples"]), "d": projector.d, "dtype": s.dtype,
             "dataset_fingerprint": data_identity["dataset_fingerprint"],
             "projector": projector.describe(), "train_output": s.train_output().describe(),
-            "task": module.attribution_task().describe(), "param_names": s.param_names, "use_ema": used_ema,
-            "normalize_draws": s.normalize_draws,
+            "task": module.attribution_task().describe(), "param_names": self.recorded_param_names(model),
+            "use_ema": used_ema, "normalize_draws": s.normalize_draws,
             "checkpoint": {**checkpoint, "weights_hash": whash},
         }
         return meta, projector
@@ -174,19 +187,21 @@ class CheckpointFeaturizer:
         """
         denoiser = denoiser or self.denoiser(module)
         meta, projector = self.prepare(module, data_identity, checkpoint, denoiser)
-        if rank == 0:
-            FeatureStore.open(store_dir, meta, create=True)
+        if rank == 0:  # creates the store, or keeps the rows of a killed multi-rank run (its parts)
+            FeatureStore.open(store_dir, meta, create=True).merge_parts()
         barrier()
         store = FeatureStore.open(store_dir, meta, create=False)
-        mine = store.missing_rows()[rank::world_size]
+        mine = store.rank_share(rank, world_size)  # contiguous, disjoint; all ranks see the same missing rows
+        writer = store.part(mine) if world_size > 1 and len(mine) else store  # a rank writes only its own part
         barrier()  # every rank has read the same missing set before anyone writes
         start = time.perf_counter()
         with _eval_mode(module), _eval_mode(denoiser.model), torch.random.fork_rng(devices=[]):
-            done = self._featurize_rows(module, denoiser.model, projector, store, rows_loader(mine), len(mine),
+            done = self._featurize_rows(module, denoiser.model, projector, writer, rows_loader(mine), len(mine),
                                         device, progress and rank == 0)
         seconds = time.perf_counter() - start
         barrier()
-        if rank == 0 and store.is_complete and (done or not store.is_finalized):
+        merged = store.merge_parts() if rank == 0 else 0
+        if rank == 0 and store.is_complete and (done or merged or not store.is_finalized):
             finalize(store)
         barrier()
         return store, {"rows": done, "seconds": seconds}

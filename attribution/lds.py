@@ -33,7 +33,8 @@ from . import _checks
 from .atomic import atomic_write_text
 
 __all__ = ["LDSResult", "SeedNoiseCeiling", "LambdaChoice", "rank_average", "spearman_columns",
-           "predicted_outputs", "lds", "linear_datamodeling_score", "lds_per_lambda", "nan_mean_se", "seed_noise_ceiling",
+           "predicted_outputs", "lds", "linear_datamodeling_score", "lds_from_predictions", "lds_per_lambda",
+           "lds_per_lambda_from_predictions", "nan_mean_se", "seed_noise_ceiling",
            "split_targets", "choose_lambda_heldout", "paired_difference", "lds_table", "write_table"]
 
 F64 = torch.float64
@@ -157,15 +158,24 @@ def lds(scores: Tensor, masks: Tensor, actual: Tensor) -> LDSResult:
     Returns:
         :class:`LDSResult` with ``per_target (B, S)`` (``S = 1`` for 2-D input), ``mean/se/n_targets (S,)``.
     """
-    pred = _as_bs("scores", predicted_outputs(scores, masks), 1)
+    return lds_from_predictions(predicted_outputs(scores, masks), actual)
+
+
+def lds_from_predictions(predictions: Tensor, actual: Tensor) -> LDSResult:
+    """:func:`lds` from the datamodel predictions ``(J, B, S)`` (or ``(J, B)``) already summed over each subset
+    (:func:`predicted_outputs`, or accumulated while streaming the scores: no N x B x S array is needed).
+    """
+    if not isinstance(predictions, Tensor):
+        raise TypeError(f"Expected `predictions` to be a torch.Tensor (J, B, S), but got {type(predictions).__name__}")
+    pred = _as_bs("predictions", predictions.to(F64), 1)
     if not isinstance(actual, Tensor):
         raise TypeError(f"Expected `actual` to be a torch.Tensor (J, B, S), but got {type(actual).__name__}")
     actual = _as_bs("actual", actual, 1)
     if actual.shape != pred.shape:
         raise ValueError(f"Expected `actual` of shape (J, B, S) = {tuple(pred.shape)} to match masks (J, N) and "
                          f"scores (N, B, S), but got {tuple(actual.shape)}")
-    if masks.shape[0] < 3:
-        raise ValueError(f"Expected at least 3 subset models (`masks` rows) for a rank correlation, but got {masks.shape[0]}")
+    if pred.shape[0] < 3:
+        raise ValueError(f"Expected at least 3 subset models (`masks` rows) for a rank correlation, but got {pred.shape[0]}")
     J, B, S = pred.shape
     rho = spearman_columns(pred.reshape(J, -1), -actual.to(F64).reshape(J, -1)).reshape(B, S)
     mean, se, n = nan_mean_se(rho, 0)
@@ -179,6 +189,12 @@ def lds_per_lambda(scores_per_lambda: Tensor, masks: Tensor, actual: Tensor) -> 
     """``(L, N, B, S)`` scores (one slice per ridge lambda) -> ``(L, B, S)`` per-target LDS."""
     _checks.tensor_ndim("scores_per_lambda", scores_per_lambda, 4, " (L, N, B, S)")
     return torch.stack([lds(s, masks, actual).per_target for s in scores_per_lambda])
+
+
+def lds_per_lambda_from_predictions(predictions_per_lambda: Tensor, actual: Tensor) -> Tensor:
+    """``(L, J, B, S)`` predictions (one slice per ridge lambda) -> ``(L, B, S)`` per-target LDS."""
+    _checks.tensor_ndim("predictions_per_lambda", predictions_per_lambda, 4, " (L, J, B, S)")
+    return torch.stack([lds_from_predictions(p, actual).per_target for p in predictions_per_lambda])
 
 
 # ----------------------------------------------------------------------------- seed-noise ceiling

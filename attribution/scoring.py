@@ -9,6 +9,16 @@ where ``W_m = diag(train_weights)`` (TRAK's Q) or the identity. :func:`finalize`
 ``K = U diag(s) U^T``; then ``(K + lambda I)^-1 = U diag(1/(s + lambda)) U^T`` for any lambda,
 and scoring streams over row blocks of ``Phi`` (never N x d in memory, and N x B only when asked).
 
+One pass (:func:`score_pass`, what ``cli.py score`` and the LDS report run): first, per checkpoint, the
+``(d, C)`` solve ``V_m = (K_m + lambda_m I)^-1 G_m^T`` of every pending column (:func:`solve_targets`; one
+eigenvector matrix resident at a time, dropped after its solve; C columns may be several ridges side by side,
+:func:`sweep_solves`); then ONE sequential read of every store, row block by row block, each block of each
+store multiplied by its ``V_m`` (float32 on the accelerator when there is one; float64 is the reference
+option) and averaged. What the pass keeps is chosen by the caller: the scores on disk column by column
+(:class:`ScoreColumns`, flat memory), in memory (N x C, only when asked), a streaming top-k, or subset-mask
+predictions ``masks @ scores`` (J x C, for the LDS). Resident: the M solves (``M d C``), one block of one
+store and the one read ahead, the eigenvalues.
+
 Sign convention (SPEC): a *positive* score means including the training example *lowers* the
 target output ``f_t``.
 
@@ -37,6 +47,12 @@ and then averaged (TRAK instead multiplies the averaged scores by averaged weigh
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
@@ -45,12 +61,13 @@ from torch import Tensor
 
 from . import _checks
 from .atomic import atomic_save_npy, atomic_write_json
-from .errors import SettingsError
+from .errors import CorruptFileError, SettingsError
 from .integrity import check_file_sha256, check_npy_file, file_sha256, require_finite
 from .store import KERNEL_FORMAT, FeatureStore
 
-__all__ = ["KernelEigen", "finalize", "load_kernel", "relative_lambda", "score", "iter_score_blocks", "topk_scores", "TopK",
-           "lambda_sweep", "dense_scores_float64"]
+__all__ = ["KernelEigen", "KernelSpectrum", "finalize", "load_kernel", "load_spectrum", "relative_lambda", "solve_targets",
+           "iter_pass_blocks", "score_pass", "ScorePass", "ScoreColumns", "default_block_rows", "default_device",
+           "score", "iter_score_blocks", "topk_scores", "TopK", "sweep_solves", "lambda_sweep", "dense_scores_float64"]
 
 log = logging.getLogger(__name__)
 Weights = Union[None, Tensor, Sequence[Optional[Tensor]]]
@@ -62,12 +79,21 @@ class KernelEigen(NamedTuple):
     eigenvalues: Tensor
     eigenvectors: Tensor
 
-    def solve(self, G: Tensor, lam: float) -> Tensor:
-        """``(K + lam I)^-1 G^T`` for ``G (B, d)``; returns ``(d, B)`` float64."""
-        _check_lambda(self, lam)
-        U = self.eigenvectors
-        coeff = (U.T @ G.to(torch.float64).T) / (self.eigenvalues + lam).unsqueeze(1)
-        return U @ coeff
+    def solve(self, G: Tensor, lam) -> Tensor:
+        """``(K + lam I)^-1 G^T`` for ``G (B, d)``; returns ``(d, B)`` float64.
+
+        ``lam``: one ridge for every column, or one per column (a ``(B,)`` tensor or sequence).
+        """
+        U, s = self.eigenvectors, self.eigenvalues.unsqueeze(1)
+        if isinstance(lam, (int, float)):
+            _check_lambda(self, lam)
+            return U @ ((U.T @ G.to(torch.float64).T) / (s + lam))
+        lams = torch.as_tensor(lam, dtype=torch.float64).reshape(-1)
+        if lams.numel() != G.shape[0]:
+            raise ValueError(f"Expected one `lam` or one per column ({G.shape[0]}), but got {lams.numel()} values")
+        for value in lams.unique().tolist():
+            _check_lambda(self, value)
+        return U @ ((U.T @ G.to(torch.float64).T) / (s + lams.to(s.device).unsqueeze(0)))
 
 
 def _check_lambda(kernel: KernelEigen, lam: float) -> None:
@@ -124,9 +150,32 @@ def load_kernel(store: FeatureStore) -> KernelEigen:
     return KernelEigen(s, U)
 
 
-def _per_store_weights(stores, train_weights: Weights) -> list[Optional[Tensor]]:
+class KernelSpectrum(NamedTuple):
+    """The eigenvalues ``(d,)`` float64 of ``Phi^T Phi`` (what :func:`relative_lambda` reads)."""
+
+    eigenvalues: Tensor
+
+
+def load_spectrum(store: FeatureStore) -> KernelSpectrum:
+    """The eigenvalues saved by :func:`finalize` alone (size and, when recorded, checksum checked; finite):
+    all that a relative lambda needs, without the ``d x d`` eigenvectors."""
+    record = store.kernel_record()
+    if record is None:
+        raise FileNotFoundError(f"Expected a finalized `store` at {store.path}; call finalize(store) first")
+    name = "kernel_eigenvalues.npy"
+    check_npy_file(store.path / name, (store.d,), np.float64, f"the store's width d = {store.d}")
+    if name in record.get("checksums", {}):
+        check_file_sha256(store.path / name, record["checksums"][name], str(store.path / "kernel.json"))
+    s = torch.from_numpy(np.load(store.path / name))
+    require_finite(s, "kernel eigenvalues", f"in {store.path}")
+    return KernelSpectrum(s)
+
+
+def _weight_sources(stores, train_weights: Weights) -> list:
+    """Per store, ``(start, stop) -> (rows,) float64 weights or None``: given tensors are sliced, the stores'
+    own weights are read block by block (never all N at once)."""
     if train_weights is None:
-        return [s.weights() for s in stores]
+        return [(lambda a, b, s=s: s.weights(a, b)) if s.has_weights else (lambda a, b: None) for s in stores]
     if isinstance(train_weights, Tensor):
         train_weights = [train_weights] * len(stores)
     if len(train_weights) != len(stores):
@@ -134,7 +183,8 @@ def _per_store_weights(stores, train_weights: Weights) -> list[Optional[Tensor]]
     for w, s in zip(train_weights, stores):
         if w is not None and tuple(w.shape) != (s.N,):
             raise ValueError(f"Expected `train_weights` of shape ({s.N},), but got {tuple(w.shape)}")
-    return [None if w is None else w.to(torch.float64).cpu() for w in train_weights]
+    held = [None if w is None else w.detach().to(torch.float64).cpu() for w in train_weights]
+    return [(lambda a, b, w=w: None if w is None else w[a:b]) for w in held]
 
 
 def _check_targets(stores, targets) -> list[Tensor]:
@@ -162,34 +212,280 @@ def _per_store_lambdas(lam, num_stores: int) -> list[float]:
     return lams
 
 
-def relative_lambda(kernel: KernelEigen, lam: float) -> float:
+def relative_lambda(kernel: Union[KernelEigen, KernelSpectrum], lam: float) -> float:
     """An absolute ridge from one relative to the kernel's scale: ``lam * mean eigenvalue`` (= trace / d)."""
     return float(lam) * float(kernel.eigenvalues.clamp(min=0).mean())
 
 
+def solve_targets(store: FeatureStore, target_grads: Tensor, lam, kernel: Optional[KernelEigen] = None) -> Tensor:
+    """``(K_m + lam I)^-1 G^T``: the ``(d, B)`` float64 solve of one checkpoint, on ``target_grads``' device.
+
+    The store's eigenvectors are loaded (checked) for this call only, unless ``kernel`` is given: a caller that
+    solves checkpoint after checkpoint keeps one ``d x d`` matrix resident at a time. ``lam``: one ridge, or one
+    per column ``(B,)``.
+    """
+    _checks.tensor_ndim("target_grads", target_grads, 2, " (B, d)")
+    if target_grads.shape[1] != store.d:
+        raise ValueError(f"Expected target gradients of shape (B, {store.d}) for store {store.path}, but got "
+                         f"{tuple(target_grads.shape)}")
+    kernel = kernel or load_kernel(store)
+    device = target_grads.device
+    if device.type != "cpu":
+        kernel = KernelEigen(kernel.eigenvalues.to(device), kernel.eigenvectors.to(device))
+    return kernel.solve(target_grads, lam)
+
+
+# ----------------------------------------------------------------------------- the one pass
+_PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
+_BLOCK_BYTES = 32 << 20  # ~32 MiB of compute-dtype features per block
+
+
+def default_block_rows(d: int) -> int:
+    """Rows per streamed block: about 32 MiB of float32 features (256 to 65536 rows)."""
+    return int(min(65536, max(256, _BLOCK_BYTES // (4 * d))))
+
+
+def default_device() -> torch.device:
+    """The accelerator when there is one (CUDA), else the CPU: where the big products run."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _compute_dtype(precision: str) -> torch.dtype:
+    if precision not in _PRECISIONS:
+        raise SettingsError(f"Expected `precision` to be 'float32' or 'float64', but got {precision!r}")
+    return _PRECISIONS[precision]
+
+
+def _read_ahead(stores, ranges, convert: Optional[torch.dtype]) -> Iterator[tuple[int, int, int, Tensor]]:
+    """``(start, stop, m, block)`` for every row range and store in turn, each store's rows read once, in order.
+
+    A reader thread fetches the next block (``FeatureStore.read`` into one of two reused buffers, converted to
+    ``convert`` when given) while the caller computes on the current one.
+    """
+    jobs = [(a, b, m) for a, b in ranges for m in range(len(stores))]
+    raw_buffers: list = [None, None]
+    out_buffers: list = [None, None]
+
+    def load(i: int) -> Tensor:
+        a, b, m = jobs[i]
+        store, k = stores[m], i % 2
+        width, stored = store.d, np.dtype(store.meta["dtype"])
+        if raw_buffers[k] is None or raw_buffers[k].shape[1] != width or raw_buffers[k].dtype != stored \
+                or raw_buffers[k].shape[0] < b - a:
+            raw_buffers[k] = np.empty((max(b - a, ranges[0][1] - ranges[0][0]), width), dtype=stored)
+        raw = store.read(a, b, dtype=None, out=raw_buffers[k])
+        if convert is None or raw.dtype == convert:  # the caller is done with buffer k before it is refilled
+            return raw
+        if out_buffers[k] is None or out_buffers[k].shape[1] != width or out_buffers[k].shape[0] < b - a:
+            out_buffers[k] = torch.empty(raw_buffers[k].shape, dtype=convert)
+        return out_buffers[k][: b - a].copy_(raw)
+
+    if not jobs:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="score-read") as pool:
+        pending = pool.submit(load, 0)
+        for i, (a, b, m) in enumerate(jobs):
+            block = pending.result()
+            if i + 1 < len(jobs):
+                pending = pool.submit(load, i + 1)
+            yield a, b, m, block
+
+
+def iter_pass_blocks(stores: Sequence[FeatureStore], solved: Sequence[Tensor], train_weights: Weights = None,
+                     block_rows: Optional[int] = None, device=None, precision: str = "float32",
+                     stats: Optional[dict] = None) -> Iterator[tuple[int, int, Tensor]]:
+    r"""One pass over the stores: yields ``(start, stop, scores (rows, C))`` with
+    ``scores = 1/M sum_m W_m Phi_m[start:stop] V_m`` for precomputed solves ``V_m (d_m, C)``.
+
+    Row blocks in order; inside a block the M stores in turn, so each store is read exactly once, sequentially,
+    and only one block of one store (plus the one being read ahead) is resident besides the solves. The products
+    run on ``device`` (default CPU) in ``precision`` ("float32", the fast path; "float64", the reference).
+    ``stats`` (a dict) gets ``bytes_read`` and ``blocks`` added.
+    """
+    if not stores or len(solved) != len(stores):
+        raise ValueError(f"Expected one solve per store ({len(stores)}), but got {len(solved)}")
+    if len({s.N for s in stores}) != 1:
+        raise ValueError(f"Expected stores with the same N, but got {[s.N for s in stores]}")
+    for store, V in zip(stores, solved):
+        if V.ndim != 2 or V.shape[0] != store.d or V.shape[1] != solved[0].shape[1]:
+            raise ValueError(f"Expected solves of shape ({store.d}, {solved[0].shape[1]}) for store {store.path}, "
+                             f"but got {tuple(V.shape)}")
+    dtype, device = _compute_dtype(precision), torch.device(device or "cpu")
+    V = [v.to(device=device, dtype=dtype) for v in solved]
+    weights = _weight_sources(stores, train_weights)
+    ranges = list(stores[0].row_blocks(block_rows or default_block_rows(max(s.d for s in stores))))
+    stats = {} if stats is None else stats
+    stats.setdefault("bytes_read", 0)
+    stats.setdefault("blocks", 0)
+    acc = None
+    for start, stop, m, block in _read_ahead(stores, ranges, dtype if device.type == "cpu" else None):
+        stats["bytes_read"] += (stop - start) * stores[m].d * np.dtype(stores[m].meta["dtype"]).itemsize
+        stats["blocks"] += 1
+        phi = block.to(device, non_blocking=True).to(dtype)
+        if m == 0:
+            acc = torch.zeros(stop - start, V[0].shape[1], dtype=dtype, device=device)
+        w = weights[m](start, stop)
+        if w is None:
+            acc.addmm_(phi, V[m])
+        else:
+            acc.add_((phi @ V[m]) * w.to(device=device, dtype=dtype).unsqueeze(1))
+        if m == len(stores) - 1:
+            yield start, stop, acc.div_(len(stores))
+
+
+class ScoreColumns:
+    """Scores ``(N, C)`` float32 on disk, column after column, in an unlinked temporary file.
+
+    Written by row blocks during the pass (:meth:`write_block`), read back one column at a time (:meth:`column`:
+    one pair's ``(N,)`` scores), so resident memory stays one block or one column whatever N and C. The file
+    has no name and vanishes on :meth:`close` or when the process ends (a killed run leaves nothing behind).
+    """
+
+    def __init__(self, N: int, C: int, folder=None) -> None:
+        self.N, self.C = _checks.positive_int("N", N), _checks.positive_int("C", C)
+        if folder is not None:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+        self._file = tempfile.TemporaryFile(dir=folder)
+        self._file.truncate(self.N * self.C * 4)
+
+    def write_block(self, start: int, block: Tensor) -> None:
+        """Rows ``[start, start + rows)`` of every column from ``block (rows, C)``."""
+        columns = block.detach().to("cpu", torch.float32).T.contiguous().numpy()
+        fd = self._file.fileno()
+        for j in range(self.C):
+            _pwrite_all(fd, columns[j], (j * self.N + start) * 4)
+
+    def column(self, j: int) -> Tensor:
+        """``(N,)`` float32 scores of column ``j``."""
+        if not 0 <= j < self.C:
+            raise IndexError(f"Expected a column in [0, {self.C}), but got {j}")
+        out = np.empty(self.N, dtype=np.float32)
+        _pread_all(self._file.fileno(), out, j * self.N * 4)
+        return torch.from_numpy(out)
+
+    def columns(self, indices: Sequence[int]) -> Tensor:
+        """``(N, len(indices))`` float32: the given columns side by side."""
+        return torch.stack([self.column(int(j)) for j in indices], dim=1) if len(indices) else \
+            torch.empty(self.N, 0)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "ScoreColumns":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _pwrite_all(fd: int, array: np.ndarray, offset: int) -> None:
+    view = memoryview(array).cast("B")
+    while view.nbytes:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def _pread_all(fd: int, out: np.ndarray, offset: int) -> None:
+    view = memoryview(out).cast("B")
+    while view.nbytes:
+        got = os.preadv(fd, [view], offset)
+        if got <= 0:
+            raise CorruptFileError(f"Expected {view.nbytes} more bytes of scores at offset {offset} of a scratch file, "
+                                   "but it ended early")
+        view, offset = view[got:], offset + got
+
+
+@dataclass
+class ScorePass:
+    """What one pass produced (each piece only when asked for).
+
+    Attributes:
+        columns: :class:`ScoreColumns` ``(N, C)`` on disk (``columns=True``); close it when done.
+        dense: ``(N, C)`` in memory (``dense=<dtype>``).
+        topk: streaming :class:`TopK` per column (``topk=k``).
+        predictions: ``(J, C)`` float64 ``masks @ scores`` (``masks=(J, N)``): LDS predictions without N x C.
+        bytes_read: feature bytes read (each store once); blocks: (row block, store) reads.
+        seconds: wall time of the pass.
+    """
+
+    columns: Optional[ScoreColumns] = None
+    dense: Optional[Tensor] = None
+    topk: Optional["TopK"] = None
+    predictions: Optional[Tensor] = None
+    bytes_read: int = 0
+    blocks: int = 0
+    seconds: float = 0.0
+
+
+def score_pass(stores: Sequence[FeatureStore], solved: Sequence[Tensor], train_weights: Weights = None, *,
+               block_rows: Optional[int] = None, device=None, precision: str = "float32", columns: bool = False,
+               scratch_dir=None, dense: Optional[torch.dtype] = None, topk: Optional[int] = None,
+               masks: Optional[Tensor] = None, what: str = "scores") -> ScorePass:
+    """Stream the stores once (:func:`iter_pass_blocks`) and keep only what is asked for: the scores on disk
+    (``columns``, in ``scratch_dir``), in memory (``dense``), their top-k (``topk``) and/or subset-mask
+    predictions (``masks (J, N)`` bool). Non-finite scores are refused naming ``what`` and the examples."""
+    N, C = stores[0].N, solved[0].shape[1] if solved else 0
+    if topk is not None:
+        _checks.positive_int("topk", topk)
+    if masks is not None and (masks.ndim != 2 or masks.shape[1] != N):
+        raise ValueError(f"Expected `masks` of shape (J, {N}), but got {tuple(masks.shape)}")
+    result = ScorePass(columns=ScoreColumns(N, C, scratch_dir) if columns else None,
+                       dense=None if dense is None else torch.empty(N, C, dtype=dense))
+    stats, top, began = {}, [None] * 4, time.perf_counter()
+    try:
+        for start, stop, block in iter_pass_blocks(stores, solved, train_weights, block_rows, device, precision, stats):
+            require_finite(block, what, rows=torch.arange(start, stop), row_name="examples")
+            if result.columns is not None:
+                result.columns.write_block(start, block)
+            if result.dense is not None:
+                result.dense[start:stop] = block.to("cpu", dense)
+            if topk is not None:
+                top[0], top[1] = _merge(top[0], top[1], block, start, topk, largest=True)
+                top[2], top[3] = _merge(top[2], top[3], block, start, topk, largest=False)
+            if masks is not None:
+                part = masks[:, start:stop].to(device=block.device, dtype=torch.float64) @ block.to(torch.float64)
+                result.predictions = part if result.predictions is None else result.predictions.add_(part)
+    except BaseException:
+        if result.columns is not None:
+            result.columns.close()
+        raise
+    if topk is not None:
+        result.topk = TopK(*(t.cpu() for t in top))
+    if result.predictions is not None:
+        result.predictions = result.predictions.cpu()
+    result.bytes_read, result.blocks = stats["bytes_read"], stats["blocks"]
+    result.seconds = time.perf_counter() - began
+    return result
+
+
+# ----------------------------------------------------------------------------- the classic entry points
+def _solve_all(stores, target_grads_per_store, lam, kernels=None) -> list[Tensor]:
+    """Per store, the ``(d, B)`` float64 solve; eigenvectors loaded one store at a time (unless given)."""
+    targets = _check_targets(stores, target_grads_per_store)
+    lams = _per_store_lambdas(lam, len(stores))
+    return [(kernels[m] if kernels else load_kernel(store)).solve(G, lam_m)
+            for m, (store, G, lam_m) in enumerate(zip(stores, targets, lams))]
+
+
 def iter_score_blocks(stores: Sequence[FeatureStore], target_grads_per_store: Sequence[Tensor], lam: float,
                       train_weights: Weights = None, block_rows: int = 8192,
-                      kernels: Optional[Sequence[KernelEigen]] = None) -> Iterator[tuple[int, int, Tensor]]:
-    """Stream the checkpoint-averaged scores: yields ``(start, stop, scores (rows, B) float64)``.
+                      kernels: Optional[Sequence[KernelEigen]] = None, precision: str = "float64",
+                      device=None) -> Iterator[tuple[int, int, Tensor]]:
+    """Stream the checkpoint-averaged scores: yields ``(start, stop, scores (rows, B))`` on the CPU, float64 by
+    default (``precision="float32"`` for the fast path, on ``device``), from one pass over the stores.
 
     ``lam`` is one ridge for every store or a sequence with one per store (see :func:`relative_lambda`).
     """
-    targets = _check_targets(stores, target_grads_per_store)
-    kernels = kernels or [load_kernel(s) for s in stores]
-    lams = _per_store_lambdas(lam, len(stores))
-    solved = [k.solve(G, lam_m) for k, G, lam_m in zip(kernels, targets, lams)]
-    weights = _per_store_weights(stores, train_weights)
-    for start, stop in stores[0].row_blocks(block_rows):
-        acc = torch.zeros(stop - start, targets[0].shape[0], dtype=torch.float64)
-        for store, V, w in zip(stores, solved, weights):
-            part = store.read(start, stop, torch.float64) @ V
-            acc += part if w is None else part * w[start:stop].unsqueeze(1)
-        yield start, stop, acc / len(stores)
+    _weight_sources(stores, train_weights)  # refuse bad weights before any solve
+    solved = _solve_all(stores, target_grads_per_store, lam, kernels)
+    for start, stop, block in iter_pass_blocks(stores, solved, train_weights, block_rows, device, precision):
+        yield start, stop, block.cpu()
 
 
 def score(stores: Sequence[FeatureStore], target_grads_per_store: Sequence[Tensor], lam: float,
-          train_weights: Weights = None, block_rows: int = 8192, dtype: torch.dtype = torch.float32) -> Tensor:
-    """``(N, B)`` scores ``1/M sum_m W_m Phi_m (Phi_m^T Phi_m + lam I)^-1 G_m^T``.
+          train_weights: Weights = None, block_rows: int = 8192, dtype: torch.dtype = torch.float32,
+          precision: str = "float64", device=None) -> Tensor:
+    """``(N, B)`` scores ``1/M sum_m W_m Phi_m (Phi_m^T Phi_m + lam I)^-1 G_m^T`` (dense: N x B in memory).
 
     Args:
         stores: M finalized stores (one per checkpoint), same N.
@@ -197,9 +493,12 @@ def score(stores: Sequence[FeatureStore], target_grads_per_store: Sequence[Tenso
         lam: ridge ``lambda >= 0`` (0 needs a non-singular kernel).
         train_weights: None (use the stores' weights if any), one ``(N,)`` tensor, or one per store.
         block_rows: rows of ``Phi`` per block.
+        dtype: of the result; precision: of the products ("float64", the reference, or "float32"), on ``device``.
     """
-    blocks = list(iter_score_blocks(stores, target_grads_per_store, lam, train_weights, block_rows))
-    return torch.cat([b.to(dtype) for _, _, b in blocks])
+    _weight_sources(stores, train_weights)
+    solved = _solve_all(stores, target_grads_per_store, lam)
+    return score_pass(stores, solved, train_weights, block_rows=block_rows, device=device, precision=precision,
+                      dense=dtype).dense
 
 
 class TopK(NamedTuple):
@@ -213,39 +512,62 @@ class TopK(NamedTuple):
 
 def _merge(best_v, best_i, v, start, k, largest):
     v_all = v if best_v is None else torch.cat([best_v, v])
-    i_all = torch.arange(start, start + v.shape[0]).unsqueeze(1).expand_as(v)
+    i_all = torch.arange(start, start + v.shape[0], device=v.device).unsqueeze(1).expand_as(v)
     i_all = i_all if best_i is None else torch.cat([best_i, i_all])
     top_v, pos = torch.topk(v_all, min(k, v_all.shape[0]), dim=0, largest=largest)
     return top_v, torch.gather(i_all, 0, pos)
 
 
 def topk_scores(stores: Sequence[FeatureStore], target_grads_per_store: Sequence[Tensor], lam: float, k: int,
-                train_weights: Weights = None, block_rows: int = 8192) -> TopK:
+                train_weights: Weights = None, block_rows: int = 8192, precision: str = "float64",
+                device=None) -> TopK:
     """Streaming top-k positive (largest) and negative (smallest) scores per target, without N x B."""
     _checks.positive_int("k", k)
-    pv = pi = nv = ni = None
-    for start, _, block in iter_score_blocks(stores, target_grads_per_store, lam, train_weights, block_rows):
-        pv, pi = _merge(pv, pi, block, start, k, largest=True)
-        nv, ni = _merge(nv, ni, block, start, k, largest=False)
-    return TopK(pv, pi, nv, ni)
+    _weight_sources(stores, train_weights)
+    solved = _solve_all(stores, target_grads_per_store, lam)
+    return score_pass(stores, solved, train_weights, block_rows=block_rows, device=device, precision=precision,
+                      topk=k).topk
+
+
+def sweep_solves(stores: Sequence[FeatureStore], target_grads_per_store: Sequence[Tensor], lams: Sequence[float],
+                 relative: bool = False, dtype: torch.dtype = torch.float64) -> list[Tensor]:
+    """Per store, the solves of every ridge side by side: ``(d, L * B)``, lambda-major (column ``l * B + b``),
+    cast to ``dtype`` as each is made (float32 for a float32 pass: half the memory).
+
+    ``lams`` are absolute ridges, or with ``relative=True`` multiples of each store's mean eigenvalue. One
+    eigenvector matrix is resident at a time; ``U^T G^T`` is formed once per store for all the ridges.
+    """
+    targets = _check_targets(stores, target_grads_per_store)
+    if not len(lams):
+        raise SettingsError("Expected `lams` to hold at least one ridge, but got none")
+    solved = []
+    for store, G in zip(stores, targets):
+        kernel = load_kernel(store)
+        per = [relative_lambda(kernel, lam) if relative else lam for lam in lams]
+        for lam in per:
+            _check_lambda(kernel, lam)
+        U, s = kernel.eigenvectors, kernel.eigenvalues.unsqueeze(1)
+        rotated = U.T @ G.T                                                    # (d, B)
+        solved.append((U @ torch.cat([rotated / (s + lam) for lam in per], dim=1)).to(dtype))
+        del kernel, U
+    return solved
 
 
 def lambda_sweep(stores: Sequence[FeatureStore], target_grads_per_store: Sequence[Tensor], lams: Sequence[float],
                  train_weights: Weights = None, block_rows: int = 8192, dtype: torch.dtype = torch.float32,
-                 relative: bool = False) -> Tensor:
-    """Scores for several ridge values from the one stored eigendecomposition: ``(L, N, B)``.
+                 relative: bool = False, precision: str = "float64", device=None) -> Tensor:
+    """Scores for several ridge values from the one stored eigendecomposition: ``(L, N, B)`` (dense), from ONE
+    pass over the stores (the solves of every ridge side by side, :func:`sweep_solves`).
 
     ``lams`` are absolute ridges, or with ``relative=True`` multiples of each store's mean eigenvalue
     (:func:`relative_lambda`), one value for every store.
     """
-    kernels = [load_kernel(s) for s in stores]
-    out = []
-    for lam in lams:
-        if relative:
-            lam = [relative_lambda(k, lam) for k in kernels]
-        blocks = iter_score_blocks(stores, target_grads_per_store, lam, train_weights, block_rows, kernels)
-        out.append(torch.cat([b.to(dtype) for _, _, b in blocks]))
-    return torch.stack(out)
+    _weight_sources(stores, train_weights)
+    solved = sweep_solves(stores, target_grads_per_store, lams, relative)
+    dense = score_pass(stores, solved, train_weights, block_rows=block_rows, device=device, precision=precision,
+                       dense=dtype).dense
+    N, B = dense.shape[0], dense.shape[1] // len(lams)
+    return dense.reshape(N, len(lams), B).permute(1, 0, 2).contiguous()
 
 
 def dense_scores_float64(Phi: Tensor, G: Tensor, lam: float, train_weights: Optional[Tensor] = None) -> Tensor:

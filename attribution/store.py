@@ -12,15 +12,28 @@ Layout of a store folder (one per (experiment, checkpoint))::
                     every file above (features, done flags, weights, kernel)
 
 Writes put the features first and flush them, then set the done flags and flush, so a kill
-never marks a row done without its features. Several processes may write disjoint rows of the
-same store at once (each maps the files ``r+``); creation is serialized with a lock file.
-Re-opening an existing store with different metadata is refused, naming the differing keys.
+never marks a row done without its features. Creation is serialized with a lock file. Re-opening an
+existing store with different metadata is refused, naming the differing keys.
+
+Several writers (ranks, nodes): no two processes ever write the same file. Each rank featurizes a
+*contiguous* share of the missing rows (:meth:`FeatureStore.rank_share`) into its own *part*, a small
+store of its row range in ``parts/rows_<start>_<stop>/`` (:meth:`FeatureStore.part`; same layout, the
+rows are global); after a barrier rank 0 copies the finished rows of every part into the store and
+deletes the part (:meth:`FeatureStore.merge_parts`, also at the start of a run, so rows of a killed run
+are kept). A single process writes the store directly. File-system assumption: a file written and
+flushed (``msync``/``fsync``) by one process before a barrier is read correctly by another process that
+*opens* it after the barrier (close-to-open consistency: local disks, NFS, Lustre, GPFS). Nothing relies
+on two clients sharing cached pages of one file, which NFS does not keep coherent.
 
 Integrity: every open checks that each ``.npy`` file has exactly the shape, dtype and byte size the
 metadata implies (a truncated file is refused naming the file and both sizes, never extended).
 A store opened for reading (``writable=False``; :func:`open_feature_stores`) maps its files read-only
 and creates nothing (no lock file); :meth:`FeatureStore.verify` compares a finalized store's files with
 the checksums in ``kernel.json``, so a flipped byte is caught before any score is computed.
+
+Reading (:meth:`FeatureStore.read`) uses plain positioned reads (``preadv``) into a buffer, not the memory
+map: a pass over a store larger than memory keeps the resident set at one block (pages of a mapping would
+stay counted in the process until unmapped).
 """
 from __future__ import annotations
 
@@ -29,6 +42,8 @@ import fcntl
 import hashlib
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -39,7 +54,7 @@ from torch import Tensor
 from . import _checks
 from .atomic import atomic_save_npy, atomic_write_json
 from .errors import CorruptFileError, SettingsError, StoreMismatchError
-from .integrity import check_file_sha256, check_npy_file, file_sha256
+from .integrity import check_file_sha256, check_npy_file, file_sha256, npy_layout
 
 __all__ = ["FeatureStore", "StoreMismatchError", "atomic_write_json", "atomic_save_npy", "open_feature_stores",
            "read_json"]
@@ -111,6 +126,7 @@ class FeatureStore:
         self.path = Path(path)
         self.meta = meta
         self.N, self.d = int(meta["N"]), int(meta["d"])
+        self.row_offset = int(meta["part"]["start"]) if isinstance(meta.get("part"), dict) else 0
         self.writable = writable
         for name, shape, dtype in self._layout():  # before mapping: "r+" would silently extend a short file
             check_npy_file(self.path / name, shape, dtype, f"{self.path / 'meta.json'}")
@@ -118,6 +134,8 @@ class FeatureStore:
         self._features = np.load(self.path / "features.npy", mmap_mode=mode)
         self._done = np.load(self.path / "done.npy", mmap_mode=mode)
         self._weights = np.load(self.path / "weights.npy", mmap_mode=mode) if self.has_weights else None
+        self._data_offset = npy_layout(self.path / "features.npy")[2]
+        self._reader: Optional[int] = None
 
     def _layout(self) -> list[tuple[str, tuple[int, ...], str]]:
         """(file, shape, dtype) of the store's arrays, as the metadata implies."""
@@ -185,7 +203,8 @@ class FeatureStore:
     def write(self, rows: Tensor, features: Tensor, weights: Optional[Tensor] = None) -> None:
         """Write ``features (R, d)`` (and ``weights (R,)`` if the store has them) to ``rows (R,)``.
 
-        Features and weights are flushed before the done flags are set and flushed.
+        Rows are global example indices (also in a part, which holds ``[start, stop)``). Features and weights
+        are flushed before the done flags are set and flushed.
         """
         if not self.writable:
             raise SettingsError(f"Expected a store opened with `writable` True to write to, but {self.path} was "
@@ -196,19 +215,80 @@ class FeatureStore:
         if self.has_weights != (weights is not None):
             raise ValueError(f"Expected `weights` {'(R,)' if self.has_weights else 'None'} for this store "
                              f"(with_weights={self.has_weights}), but got {None if weights is None else tuple(weights.shape)}")
-        self._features[rows_np] = features.detach().cpu().numpy().astype(self._features.dtype)
+        self._put(rows_np - self.row_offset, features.detach().cpu().numpy(),
+                  None if weights is None else weights.detach().cpu().reshape(-1).numpy())
+
+    def _put(self, local: np.ndarray, features: np.ndarray, weights: Optional[np.ndarray]) -> None:
+        """Store rows at local positions: features (and weights) flushed, then the done flags set and flushed."""
+        self._features[local] = features.astype(self._features.dtype, copy=False)
         self._features.flush()
         if weights is not None:
-            self._weights[rows_np] = weights.detach().cpu().reshape(-1).numpy().astype(np.float32)
+            self._weights[local] = weights.astype(np.float32, copy=False)
             self._weights.flush()
-        self._done[rows_np] = 1
+        self._done[local] = 1
         self._done.flush()
 
     def _check_rows(self, rows: Tensor) -> np.ndarray:
         rows = _checks.long_vector("rows", torch.as_tensor(rows))
-        if len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= self.N):
-            raise ValueError(f"Expected `rows` in [0, {self.N}), but got min {int(rows.min())}, max {int(rows.max())}")
+        low, high = self.row_offset, self.row_offset + self.N
+        if len(rows) and (int(rows.min()) < low or int(rows.max()) >= high):
+            raise ValueError(f"Expected `rows` in [{low}, {high}), but got min {int(rows.min())}, max {int(rows.max())}")
         return rows.cpu().numpy()
+
+    # ------------------------------------------------------------------ several writers
+    def rank_share(self, rank: int, world_size: int) -> Tensor:
+        """``(R,)`` int64: this rank's contiguous share of the missing rows (shares differ by at most one row)."""
+        if not 0 <= rank < world_size:
+            raise SettingsError(f"Expected 0 <= `rank` < `world_size`, but got rank {rank}, world_size {world_size}")
+        return torch.tensor_split(self.missing_rows(), world_size)[rank]
+
+    def _part_meta(self, start: int, stop: int) -> dict:
+        return {**self.meta, "N": int(stop - start), "part": {"start": int(start), "stop": int(stop)}}
+
+    def part(self, rows: Tensor) -> "FeatureStore":
+        """A writable part for global ``rows`` (non-empty): a store of the row range ``[min, max + 1)`` in
+        ``parts/rows_<start>_<stop>/`` that only its rank writes; :meth:`merge_parts` copies it back."""
+        if self.row_offset or "part" in self.meta:
+            raise SettingsError(f"Expected a whole store to take parts from, but {self.path} is a part itself")
+        rows = self._check_rows(rows)
+        if not len(rows):
+            raise ValueError("Expected at least one row for a part, but got none")
+        start, stop = int(rows.min()), int(rows.max()) + 1
+        return FeatureStore.open(self.path / "parts" / f"rows_{start:010d}_{stop:010d}", self._part_meta(start, stop))
+
+    def merge_parts(self, block_rows: int = 8192) -> int:
+        """Copy the finished rows of every part into this store (only this process writes it), then delete the
+        parts; returns the rows copied. A kill part-way leaves the part in place, and merging again is harmless.
+
+        Raises:
+            StoreMismatchError: a part was made with other metadata than this store.
+        """
+        folder = self.path / "parts"
+        if not folder.is_dir():
+            return 0
+        if not self.writable:
+            raise SettingsError(f"Expected a store opened with `writable` True to merge parts into, but {self.path} "
+                                "was opened for reading")
+        copied = 0
+        for part_dir in sorted(folder.iterdir()):
+            if not (part_dir / "meta.json").exists():  # killed while being created: it holds no finished row
+                shutil.rmtree(part_dir, ignore_errors=True)
+                continue
+            stored = read_json(part_dir / "meta.json", "feature store part metadata").get("part") or {}
+            part = FeatureStore.open(part_dir, self._part_meta(stored.get("start", -1), stored.get("stop", -1)),
+                                     create=False, writable=False)
+            done = np.flatnonzero(np.asarray(part._done, dtype=bool))
+            for i in range(0, len(done), block_rows):
+                local = done[i:i + block_rows]
+                weights = None if part._weights is None else np.asarray(part._weights[local])
+                self._put(local + part.row_offset, np.asarray(part._features[local]), weights)
+            copied += len(done)
+            del part
+            shutil.rmtree(part_dir)
+        shutil.rmtree(folder, ignore_errors=True)
+        if copied:
+            log.info("merged %d rows from the parts of %s", copied, self.path)
+        return copied
 
     # ------------------------------------------------------------------ reading
     def done_mask(self) -> Tensor:
@@ -229,13 +309,50 @@ class FeatureStore:
         """Read-only ``(N, d)`` memmap of the features."""
         return np.load(self.path / "features.npy", mmap_mode="r")
 
-    def read(self, start: int = 0, stop: Optional[int] = None, dtype=torch.float32) -> Tensor:
-        """Rows ``[start, stop)`` as a tensor ``(stop - start, d)``."""
-        return torch.from_numpy(np.array(self._features[start:stop], dtype=np.float32)).to(dtype)
+    def read(self, start: int = 0, stop: Optional[int] = None, dtype=torch.float32,
+             out: Optional[np.ndarray] = None) -> Tensor:
+        """Rows ``[start, stop)`` as a tensor ``(stop - start, d)`` of ``dtype`` (None: the stored dtype).
 
-    def weights(self) -> Optional[Tensor]:
-        """``(N,)`` float32 per-row weights, or None when the store has none."""
-        return None if self._weights is None else torch.from_numpy(np.array(self._weights, dtype=np.float32))
+        One positioned read of the file (no memory map); ``out``: a reused ``(>= rows, d)`` numpy buffer of the
+        stored dtype to read into (the result is then a view of it).
+        """
+        start, stop, _ = slice(start, stop).indices(self.N)
+        rows = max(stop - start, 0)
+        stored = np.dtype(self.meta["dtype"])
+        if out is None:
+            buffer = np.empty((rows, self.d), dtype=stored)
+        elif out.dtype != stored or out.ndim != 2 or out.shape[1] != self.d or out.shape[0] < rows:
+            raise ValueError(f"Expected `out` of dtype {stored} and shape (>= {rows}, {self.d}), but got "
+                             f"{out.dtype} {out.shape}")
+        else:
+            buffer = out[:rows]
+        if rows:
+            view, offset = memoryview(buffer).cast("B"), self._data_offset + start * self.d * stored.itemsize
+            while view.nbytes:
+                got = os.preadv(self._fd(), [view], offset)
+                if got <= 0:
+                    raise CorruptFileError(f"Expected {self.path / 'features.npy'} to hold rows up to {stop}, but "
+                                           f"it ended at byte {offset}")
+                view, offset = view[got:], offset + got
+        tensor = torch.from_numpy(buffer)
+        return tensor if dtype is None else tensor.to(dtype)
+
+    def _fd(self) -> int:
+        if self._reader is None:
+            self._reader = os.open(self.path / "features.npy", os.O_RDONLY)
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(self._reader, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        return self._reader
+
+    def __del__(self) -> None:
+        if getattr(self, "_reader", None) is not None:
+            os.close(self._reader)
+            self._reader = None
+
+    def weights(self, start: int = 0, stop: Optional[int] = None) -> Optional[Tensor]:
+        """``(stop - start,)`` float32 per-row weights (default all N), or None when the store has none."""
+        return None if self._weights is None else torch.from_numpy(np.array(self._weights[start:stop],
+                                                                            dtype=np.float32))
 
     def row_blocks(self, block_rows: int) -> Iterator[tuple[int, int]]:
         """``(start, stop)`` row ranges of at most ``block_rows`` rows."""

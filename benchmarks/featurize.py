@@ -23,7 +23,6 @@ the min over ``--reps`` repetitions after one warm-up; expect 10-30% noise.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys

@@ -1,7 +1,8 @@
 """``ScoreWriter``: saves the AttributionModule's predictions, then per target the scores and pictures.
 
-Each (target, step) pair is written atomically to ``<out_dir>/pairs/`` as soon as its batch ends (so
-a killed run resumes with the pairs still missing, and DDP ranks never write the same file). A pair
+Each (target, step) pair is written atomically to ``<out_dir>/pairs/`` as soon as its batch (one pass over
+the stores, whose scores wait column by column in an unlinked scratch file) ends, so a killed run resumes
+with the pairs still missing, and DDP ranks never write the same file. A pair
 file holds its scores, their checksum and the *key* of what made them (the module's ``pair_keys``: the
 features, the target's x_t, the output function, draws, lambda, patch, ...); a rerun reuses a pair only
 when its key matches and its checksum holds, so scores of other inputs are never passed off as these.
@@ -105,10 +106,18 @@ class ScoreWriter(BasePredictionWriter):
     def write_on_batch_end(self, trainer: Trainer, pl_module: LightningModule, prediction: dict,
                            batch_indices: Optional[Sequence[int]], batch: Any, batch_idx: int,
                            dataloader_idx: int) -> None:
-        require_finite(prediction["scores"], "scores", f"of targets {prediction['target'].tolist()} at steps "
-                       f"{prediction['t'].tolist()}")
-        for j, (target, t) in enumerate(zip(prediction["target"].tolist(), prediction["t"].tolist())):
-            save_pair(pair_file(pl_module.out_dir, target, t), prediction["scores"][:, j], pl_module.pair_keys[(target, t)])
+        """One pair file per column of ``prediction["scores"]`` (a ``ScoreColumns`` on disk, closed after, or an
+        ``(N, pairs)`` tensor), each refused when not finite."""
+        scores = prediction["scores"]
+        column = scores.column if hasattr(scores, "column") else (lambda j: scores[:, j])
+        try:
+            for j, (target, t) in enumerate(zip(prediction["target"].tolist(), prediction["t"].tolist())):
+                values = column(j)
+                require_finite(values, "scores", f"of target {target} at step {t}")
+                save_pair(pair_file(pl_module.out_dir, target, t), values, pl_module.pair_keys[(target, t)])
+        finally:
+            if hasattr(scores, "close"):
+                scores.close()
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._finish(trainer, pl_module)

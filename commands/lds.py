@@ -27,7 +27,7 @@ from attribution.atomic import atomic_torch_save, atomic_write_json
 from attribution.store import open_feature_stores
 from attribution.trajectory import load_targets
 from evaluation import counterfactual as cf
-from evaluation.methods import dataset_arrays, dataset_classifier, method_scores
+from evaluation.methods import dataset_classifier, dataset_images, method_scores
 from evaluation.outputs import averaged_outputs, collect_outputs, replicate_block, evaluated_steps
 from evaluation.plan import LDSPlan
 from evaluation.report import build_report, chosen_scores, masks_matrix, write_report
@@ -107,10 +107,10 @@ class LDSCommands:
         replicates = collect_outputs(plan, targets, steps)["replicates"]
         actual = averaged_outputs(plan, replicates)
         masks = masks_matrix([plan.mask_dir() / f"mask_{j:03d}.npy" for j in range(plan.num_masks)])
-        images, _ = dataset_arrays(datamodule)
+        images = dataset_images(datamodule)  # streamed: one block of images at a time
         classifier = dataset_classifier(datamodule, plan, out / "cache")
         stores = open_feature_stores(plan.features, "plan.features")
-        scores = {m: method_scores(m, plan, stores, targets, steps, images, classifier, out / "cache")
+        scores = {m: method_scores(m, plan, stores, targets, steps, images, classifier, out / "cache", masks)
                   for m in plan.methods}
         report = build_report(scores, masks, actual, replicate_block(plan, replicates), steps, plan.relative_lambdas,
                               plan.split_seed, plan.heldout_fraction, plan.lambda_per_step, plan.seeds_per_mask,

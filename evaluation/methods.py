@@ -1,25 +1,36 @@
-"""Scores of every compared method for the LDS targets and steps: ``(N, B, S)`` (TRAK: ``(L, N, B, S)``).
+"""Scores of every compared method for the LDS targets and steps, as :class:`MethodScores`: the datamodel
+predictions the LDS needs (``(J, B, S)``; TRAK ``(L, J, B, S)``, one slice per ridge) and the ``(N, B, S)``
+scores at the chosen ridge (:meth:`MethodScores.at`, what ``chosen_scores.pt`` keeps).
 
 * TRAK (``trak``, ``trak_1ckpt``, ``trak_square``): projected gradients of the step output at each
   checkpoint of the full model (x0_hat_t recomputed from the recorded x_t with that checkpoint, as
-  ``AttributionModule`` does), then one score matrix per candidate ridge from the stores' stored
-  eigendecomposition (``iter_score_blocks`` with each store's relative lambda). ``trak_1ckpt`` uses
-  only the last store; ``trak_square`` uses D-TRAK's square output on the target side.
+  ``AttributionModule`` does), then ONE pass over the stores for every candidate ridge: the solves of all
+  the ridges side by side (``attribution.scoring.sweep_solves``, each store's relative lambda), the scores
+  streamed once (``score_pass``, float32 on the accelerator when there is one) into the predictions
+  ``masks @ scores`` and into an on-disk column scratch from which the chosen ridge's scores are read.
+  Nothing of size lambdas x N x targets x steps is held in memory. ``trak_1ckpt`` uses only the last
+  store; ``trak_square`` uses D-TRAK's square output on the target side.
 * ``trak@<name>``: ``trak`` on the stores of ``plan.extra_features[name]`` (e.g. another projector).
 * ``pixel``: cosine similarity between x0_hat_t and each training image.
 * ``embedding``: the same in the penultimate features of a classifier trained on the dataset.
 * ``random``: seeded Gaussian scores.
+
+Training images are streamed from the datamodule (:class:`DatasetImages`, one block at a time) and the
+labels read without decoding images (:func:`dataset_labels`).
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
-from attribution import (FeatureStore, StepOutput, embedding_cosine_scores, featurize_batch, lambda_sweep,
-                         pixel_cosine_scores, random_scores, train_classifier)
+from attribution import (FeatureStore, StepOutput, embedding_cosine_scores, featurize_batch, pixel_cosine_scores,
+                         predicted_outputs, random_scores, train_classifier)
+from attribution.scoring import default_device, score_pass, sweep_solves
 from attribution.ema import resolve_denoiser
 from attribution.identity import weights_hash
 from attribution.atomic import atomic_torch_save
@@ -65,11 +76,75 @@ def store_denoiser(module, store: FeatureStore, use_ema=None) -> torch.nn.Module
     return model
 
 
+SOLVE_BUDGET_BYTES = 2 << 30  # float32 solves kept during one pass (M x d x L x targets x steps x 4 bytes)
+
+
+@dataclass
+class MethodScores:
+    """One method's scores for the B targets x S steps.
+
+    Attributes:
+        predictions: ``(J, B, S)`` float64 datamodel predictions ``masks @ scores`` (TRAK: ``(L, J, B, S)``).
+        scores: ``(N, B, S)`` float32 held scores (baselines), or None.
+        chunks: TRAK: ``(first target, stop target, ScoreColumns)`` per pass, each holding ``(N, L * Bc * S)``
+            on disk (column ``l * Bc * S + b * S + s``).
+    """
+
+    predictions: torch.Tensor
+    scores: Optional[torch.Tensor] = None
+    chunks: list = field(default_factory=list)
+    num_lambdas: int = 1
+
+    def at(self, chosen_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``(N, B, S)`` float32 scores; TRAK: at ridge index ``chosen_index[s]`` per step (the held-out choice)."""
+        if self.scores is not None:
+            return self.scores
+        S = self.predictions.shape[-1]
+        out = None
+        for first, stop, columns in self.chunks:
+            width = (stop - first) * S
+            for b in range(first, stop):
+                for s in range(S):
+                    column = columns.column(int(chosen_index[s]) * width + (b - first) * S + s)
+                    out = torch.empty(column.shape[0], self.predictions.shape[-2], S) if out is None else out
+                    out[:, b, s] = column
+        return out
+
+    def close(self) -> None:
+        for _, _, columns in self.chunks:
+            columns.close()
+        self.chunks = []
+
+
 def trak_scores(stores: Sequence[FeatureStore], grads: Sequence[torch.Tensor], relative_lambdas: Sequence[float],
-                B: int, S: int) -> torch.Tensor:
-    """``(L, N, B, S)`` checkpoint-averaged scores, one slice per relative ridge."""
-    sweep = lambda_sweep(stores, grads, relative_lambdas, relative=True, dtype=torch.float32)
-    return sweep.reshape(len(relative_lambdas), -1, B, S)
+                B: int, S: int, masks: torch.Tensor, scratch_dir: Optional[Path] = None,
+                budget_bytes: int = SOLVE_BUDGET_BYTES) -> MethodScores:
+    """Checkpoint-averaged scores of every relative ridge from one pass over the stores (per chunk of targets
+    whose solves fit ``budget_bytes``): predictions ``(L, J, B, S)`` and the scores on disk."""
+    L, J = len(relative_lambdas), masks.shape[0]
+    per_target = sum(s.d for s in stores) * L * S * 4
+    chunk = max(1, min(B, budget_bytes // max(per_target, 1)))
+    predictions, chunks = [], []
+    try:
+        for first in range(0, B, chunk):
+            stop = min(B, first + chunk)
+            rows = slice(first * S, stop * S)
+            solved = sweep_solves(stores, [G[rows] for G in grads], relative_lambdas, relative=True, dtype=torch.float32)
+            result = score_pass(stores, solved, device=default_device(), columns=True, scratch_dir=scratch_dir,
+                                masks=masks, what="TRAK scores")
+            chunks.append((first, stop, result.columns))
+            predictions.append(result.predictions.reshape(J, L, stop - first, S))
+    except BaseException:
+        for _, _, columns in chunks:
+            columns.close()
+        raise
+    return MethodScores(torch.cat(predictions, dim=2).permute(1, 0, 2, 3).contiguous(), chunks=chunks, num_lambdas=L)
+
+
+def baseline_scores(scores: torch.Tensor, masks: torch.Tensor, B: int, S: int) -> MethodScores:
+    """A baseline's ``(N, B * S)`` scores held (the output), with their predictions."""
+    held = scores.reshape(-1, B, S)
+    return MethodScores(predicted_outputs(held, masks), scores=held)
 
 
 def cached_gradients(plan: LDSPlan, stores: Sequence[FeatureStore], targets: Sequence[Trajectory],
@@ -85,28 +160,67 @@ def cached_gradients(plan: LDSPlan, stores: Sequence[FeatureStore], targets: Seq
     return grads
 
 
-def dataset_arrays(datamodule) -> tuple[torch.Tensor, torch.Tensor]:
-    """All N training images ``(N, C, H, W)`` in [-1, 1] and labels ``(N,)``."""
-    images = datamodule.images(range(datamodule.num_examples))
+class DatasetImages:
+    """The datamodule's N training images as an image source: ``shape (N, C, H, W)``; ``[start:stop]`` or
+    ``[index (k,)]`` -> float ``(k, C, H, W)`` in [-1, 1], decoded on demand (``datamodule.images``), so only
+    the block being used is ever in memory as float32."""
+
+    def __init__(self, datamodule) -> None:
+        self.datamodule = datamodule
+        first = datamodule.images([0])
+        self.shape = (int(datamodule.num_examples), *first.shape[1:])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key) -> torch.Tensor:
+        if isinstance(key, slice):
+            key = range(*key.indices(self.shape[0]))
+        return self.datamodule.images(torch.as_tensor(key).reshape(-1).tolist())
+
+
+def dataset_images(datamodule) -> DatasetImages:
+    """The training images, streamed (see :class:`DatasetImages`)."""
+    return DatasetImages(datamodule)
+
+
+def dataset_labels(datamodule) -> torch.Tensor:
+    """The ``(N,)`` int64 labels without decoding any image: ``datamodule.labels`` when it has it (shards read
+    their label records), else the labels the full dataset keeps beside its images; decoding every item is the
+    last resort, for a datamodule that offers neither."""
+    N = datamodule.num_examples
+    if callable(getattr(datamodule, "labels", None)):
+        return torch.as_tensor(datamodule.labels(range(N)), dtype=torch.int64)
     dataset = datamodule.full_dataset()
-    labels = torch.tensor([int(dataset[i]["label"]) for i in range(len(dataset))])
-    return images, labels
+    held = getattr(dataset, "labels", None)
+    if isinstance(held, (torch.Tensor, np.ndarray)) and len(held) == N:
+        return torch.as_tensor(held, dtype=torch.int64).clone()
+    return torch.tensor([int(dataset[i]["label"]) for i in range(len(dataset))])
+
+
+def dataset_arrays(datamodule) -> tuple[torch.Tensor, torch.Tensor]:
+    """All N training images ``(N, C, H, W)`` in [-1, 1] and labels ``(N,)`` (in memory: prefer
+    :func:`dataset_images` and :func:`dataset_labels`, which stream)."""
+    return datamodule.images(range(datamodule.num_examples)), dataset_labels(datamodule)
 
 
 def method_scores(method: str, plan: LDSPlan, stores, targets: Sequence[Trajectory], steps: Sequence[int],
-                  images: torch.Tensor, classifier, cache_dir: Path) -> torch.Tensor:
-    """``(L, N, B, S)`` for a TRAK method (L = len(plan.relative_lambdas)), ``(N, B, S)`` for a baseline."""
+                  images, classifier, cache_dir: Path, masks: torch.Tensor) -> MethodScores:
+    """The method's :class:`MethodScores` for ``masks (J, N)``: TRAK with one prediction slice per
+    ``plan.relative_lambdas``, a baseline with one. ``images``: a tensor or an image source
+    (:func:`dataset_images`)."""
     B, S = len(targets), len(steps)
     if method.startswith("trak@"):
         name = method.split("@", 1)[1]
         extra = open_feature_stores(plan.extra_features[name], f"plan.extra_features.{name}")
-        return trak_scores(extra, cached_gradients(plan, extra, targets, steps, "loss", cache_dir), plan.relative_lambdas, B, S)
+        return trak_scores(extra, cached_gradients(plan, extra, targets, steps, "loss", cache_dir),
+                           plan.relative_lambdas, B, S, masks, cache_dir)
     if method in TRAK_METHODS:
         kind, last = TRAK_METHODS[method]
         use = list(stores[-last:]) if last else list(stores)
         grads = cached_gradients(plan, stores, targets, steps, kind, cache_dir)
         grads = grads[-last:] if last else grads
-        return trak_scores(use, grads, plan.relative_lambdas, B, S)
+        return trak_scores(use, grads, plan.relative_lambdas, B, S, masks, cache_dir)
     x0 = recorded_at(targets, steps, "x0_hat")
     flat = x0.reshape(B * S, *x0.shape[2:])
     if method == "pixel":
@@ -118,19 +232,21 @@ def method_scores(method: str, plan: LDSPlan, stores, targets: Sequence[Trajecto
     else:
         raise ValueError(f"Expected a method among {list(TRAK_METHODS) + ['pixel', 'embedding', 'random']}, "
                          f"but got {method!r}")
-    return scores.reshape(-1, B, S)
+    return baseline_scores(scores, masks, B, S)
 
 
 def dataset_classifier(datamodule, plan: LDSPlan, cache_dir: Path):
-    """The offline classifier (embedding baseline, FID features, feature formation), cached."""
+    """The offline classifier (embedding baseline, FID features, feature formation), cached; trained from the
+    streamed images (one minibatch decoded at a time)."""
     path = cache_dir / f"classifier_e{plan.classifier_epochs}.pt"
-    images, labels = dataset_arrays(datamodule)
     if path.exists():
         return torch.load(path, weights_only=False)
+    images, labels = dataset_images(datamodule), dataset_labels(datamodule)
     classifier = train_classifier(images, labels, epochs=plan.classifier_epochs, seed=plan.seed)
     with torch.no_grad():
-        accuracy = float((classifier(images).argmax(1) == labels).float().mean())
-    log.info("classifier trained: train accuracy %.3f", accuracy)
+        hits = sum(int((classifier(images[start:start + 512]).argmax(1) == labels[start:start + 512]).sum())
+                   for start in range(0, len(labels), 512))
+    log.info("classifier trained: train accuracy %.3f", hits / len(labels))
     cache_dir.mkdir(parents=True, exist_ok=True)
     atomic_torch_save(classifier, path)
     return classifier

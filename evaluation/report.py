@@ -5,6 +5,10 @@ labelled), paired differences against pixel similarity; CSV/JSON tables, PNG plo
 Tables written to ``<out_dir>/report``: ``lds.csv|json`` (the figures to report), ``lambda_sweep.csv|json``
 (held-out and report means per lambda; ``oracle_*`` columns are optimistic, never the method's LDS),
 ``paired.csv|json`` (method minus each of ``plan.paired_versus``, paired over report targets), ``ceiling.csv|json``.
+
+Everything here works on datamodel predictions ``(J, B, S)`` (TRAK ``(L, J, B, S)``): the methods hand them
+over already summed over each subset (``evaluation.methods.MethodScores``), so the report never holds a
+lambdas x N x targets x steps array; score tensors are still accepted (their predictions are computed here).
 """
 from __future__ import annotations
 
@@ -14,9 +18,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from attribution import (choose_lambda_heldout, lds_per_lambda, lds_table, linear_datamodeling_score,
-                         paired_difference, seed_noise_ceiling, split_targets, write_table)
-from attribution.lds import LambdaChoice, LDSResult, nan_mean_se
+from attribution import (choose_lambda_heldout, lds_table, paired_difference, predicted_outputs, seed_noise_ceiling,
+                         split_targets, write_table)
+from attribution.lds import (LambdaChoice, LDSResult, lds_from_predictions, lds_per_lambda_from_predictions,
+                             nan_mean_se)
 from attribution.plots import plot_lambda_sweep, plot_lds_vs_step
 from evaluation.plan import TRAK_METHODS
 
@@ -26,13 +31,29 @@ def masks_matrix(mask_files: Sequence[Path]) -> torch.Tensor:
     return torch.from_numpy(np.stack([np.load(p) for p in mask_files])).bool()
 
 
+def method_predictions(scores, masks: torch.Tensor) -> torch.Tensor:
+    """Predictions ``(J, B, S)`` / ``(L, J, B, S)`` of a method: its ``.predictions`` (``MethodScores``), or those
+    of score tensors ``(N, B, S)`` / ``(L, N, B, S)``."""
+    if hasattr(scores, "predictions"):
+        return scores.predictions
+    if scores.ndim == 4:
+        return torch.stack([predicted_outputs(s, masks) for s in scores])
+    return predicted_outputs(scores, masks)
+
+
+def evaluate_predictions(predictions: torch.Tensor, actual: torch.Tensor, lambdas: Sequence[float],
+                         heldout: torch.Tensor, report: torch.Tensor, per_step: bool):
+    """A :class:`LambdaChoice` for ``(L, J, B, S)`` predictions, an :class:`LDSResult` on the report targets else."""
+    if predictions.ndim == 4:
+        per_lambda = lds_per_lambda_from_predictions(predictions, actual)
+        return choose_lambda_heldout(per_lambda, lambdas, heldout, report, per_step=per_step)
+    return lds_from_predictions(predictions[:, report], actual[:, report])
+
+
 def evaluate_method(scores: torch.Tensor, masks: torch.Tensor, actual: torch.Tensor, lambdas: Sequence[float],
                     heldout: torch.Tensor, report: torch.Tensor, per_step: bool):
-    """A :class:`LambdaChoice` for ``(L, N, B, S)`` scores, an :class:`LDSResult` on the report targets else."""
-    if scores.ndim == 4:
-        per_lambda = lds_per_lambda(scores, masks, actual)
-        return choose_lambda_heldout(per_lambda, lambdas, heldout, report, per_step=per_step)
-    return linear_datamodeling_score(scores[:, report], masks, actual[:, report])
+    """:func:`evaluate_predictions` of a method's scores (or ``MethodScores``) under ``masks (J, N)``."""
+    return evaluate_predictions(method_predictions(scores, masks), actual, lambdas, heldout, report, per_step)
 
 
 def report_lds(result) -> LDSResult:
@@ -58,16 +79,18 @@ def build_report(scores: dict, masks: torch.Tensor, actual: torch.Tensor, replic
     """Every table of the report as rows (see the module docstring), plus the per-method results.
 
     Args:
-        scores: method -> ``(N, B, S)`` or, for TRAK, ``(L, N, B, S)``.
+        scores: method -> ``MethodScores`` (its predictions are used), or scores ``(N, B, S)`` or, for TRAK,
+            ``(L, N, B, S)``.
         masks: ``(J, N)`` bool; actual: ``(J, B, S)`` seed-averaged outputs (NaN rows = models missing).
         replicates: ``(R, J_rep, B, S)`` replicate outputs for the ceiling, or None.
         versus: methods every other method is compared with, paired over the report targets.
     """
     trained = torch.isfinite(actual).all(-1).all(-1)
+    predictions = {m: method_predictions(s, masks)[..., trained, :, :] for m, s in scores.items()}
     masks, actual = masks[trained], actual[trained]
     B = actual.shape[1]
     heldout, report = split_targets(B, split_seed, heldout_fraction)
-    results = {m: evaluate_method(s, masks, actual, lambdas, heldout, report, per_step) for m, s in scores.items()}
+    results = {m: evaluate_predictions(p, actual, lambdas, heldout, report, per_step) for m, p in predictions.items()}
     ceiling = seed_noise_ceiling(replicates, num_seeds=seeds_per_mask) if replicates is not None else None
     ceiling_report = None if ceiling is None else nan_mean_se(ceiling.ceiling[report], 0)[0]
     rows = lds_table(results, steps, ceiling_report)
@@ -81,7 +104,7 @@ def build_report(scores: dict, masks: torch.Tensor, actual: torch.Tensor, replic
     tables = {"lds": rows, "lambda_sweep": [], "paired": [], "ceiling": []}
     for method, choice in results.items():
         if isinstance(choice, LambdaChoice):
-            per_lambda = lds_per_lambda(scores[method], masks, actual)[:, report]
+            per_lambda = lds_per_lambda_from_predictions(predictions[method], actual)[:, report]
             tables["lambda_sweep"] += sweep_rows(method, choice, steps, nan_mean_se(per_lambda, 1)[0])
     for baseline in [b for b in versus if b in results]:
         base = report_lds(results[baseline]).per_target
@@ -129,8 +152,14 @@ def _log_tensorboard(logger, report: dict, plots) -> None:
     experiment.flush()
 
 
-def chosen_scores(scores: torch.Tensor, result) -> torch.Tensor:
-    """``(N, B, S)`` scores at the held-out choice of lambda (per step), or the baseline's scores."""
+def chosen_scores(scores, result) -> torch.Tensor:
+    """``(N, B, S)`` scores at the held-out choice of lambda (per step), or the baseline's scores; from a
+    ``MethodScores`` (read from its on-disk columns, which are then released) or from score tensors."""
+    if hasattr(scores, "at"):
+        try:
+            return scores.at(result.chosen_index if isinstance(result, LambdaChoice) else None)
+        finally:
+            scores.close()
     if not isinstance(result, LambdaChoice):
         return scores
     idx = result.chosen_index

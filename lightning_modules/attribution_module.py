@@ -1,11 +1,24 @@
 """``AttributionModule``: step-specific TRAK scores for recorded trajectories, as a predict loop.
 
-``predict_step`` takes a batch of (target, step) pairs. For every checkpoint m of the ensemble (the
-finalized feature stores in ``features``): x0_hat_t from the recorded x_t (``task.x0_hat``, for any
-prediction type; for epsilon (x_t - sqrt(1 - abar_t) eps_m(x_t, t)) / sqrt(abar_t)), held fixed;
-g_m = P_m^T grad f_t(x0_hat_t, theta_m) (Eq. 3, or D-TRAK's "square"); then tau = 1/M sum_m Phi_m (Phi_m^T Phi_m + lambda_m I)^-1 g_m, an (N,) vector per
-pair. ``ScoreWriter`` (added automatically) saves each pair, then per target the (N x steps) scores,
+For every (target, step) pair and every checkpoint m of the ensemble (the finalized feature stores in
+``features``): x0_hat_t from the recorded x_t (``task.x0_hat``, for any prediction type; for epsilon
+(x_t - sqrt(1 - abar_t) eps_m(x_t, t)) / sqrt(abar_t)), held fixed; g_m = P_m^T grad f_t(x0_hat_t, theta_m)
+(Eq. 3, or D-TRAK's "square"); then tau = 1/M sum_m Phi_m (Phi_m^T Phi_m + lambda_m I)^-1 g_m, an (N,) vector
+per pair. ``ScoreWriter`` (added automatically) saves each pair, then per target the (N x steps) scores,
 the top-k influencers and the pictures.
+
+One pass per predict batch. A batch is up to ``pairs_per_pass`` pending pairs (under DDP, of this rank's
+share: Lightning's predict sampler deals the pairs out without repeats). ``predict_step`` walks the
+checkpoints one at a time: it loads checkpoint m (the only denoiser resident; ``tasks``/``denoisers``/
+``projectors`` load on demand and drop the previous one), computes the gradients of all the batch's pairs
+(vmap batches of ``pair_batch_size``) and their solve ``V_m = (K_m + lambda_m I)^-1 G_m^T`` (d x pairs; the
+eigenvectors are loaded for it and dropped: only the eigenvalues stay, for the relative lambda). Then ONE
+sequential read of every store serves all the batch's pairs (``attribution.scoring.score_pass``; products in
+``precision``, float32 by default, on the module's device: the accelerator when there is one). The scores go
+to an unlinked scratch file on disk column by column (never N x pairs in memory), from which the writer saves
+one pair file per pair. So a batch's stores are read once, whatever the number of pairs, and resume keeps its
+unit: a pair file (with its key and checksum) exists only for a finished pass, and a killed run recomputes
+only the pairs without one. Nothing needs a hook at the epoch's end, and DDP ranks never share a pass.
 
 Everything is checked before the first pair is computed: every store (complete, finalized, sizes and
 checksums), the checkpoint each store was made from (readable, finite, its stamped checksum, the store's
@@ -28,8 +41,9 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
-from attribution import FeatureStore, StepOutput, featurize_batch, iter_score_blocks, load_kernel, relative_lambda
+from attribution import FeatureStore, StepOutput, featurize_batch, relative_lambda
 from attribution.ema import resolve_denoiser
+from attribution.scoring import load_spectrum, score_pass, solve_targets
 from attribution.errors import CheckpointMismatchError, CorruptFileError, SettingsError, TargetsError
 from attribution.integrity import read_checkpoint, require_finite
 from attribution.trajectory import Trajectory, load_targets
@@ -78,17 +92,25 @@ class AttributionModule(LightningModule):
         steps: only these recorded timesteps (None: every recorded step).
         target_ids: only these targets (None: all).
         patch: restrict f_t to a region: "y0:y1,x0:x1" or a .npy/.pt mask (H,W), or (targets, H, W).
-        pair_batch_size: (target, step) pairs per predict batch.
+        pair_batch_size: (target, step) pairs per vmap batch of target gradients (bounds the gradient memory).
         use_ema: None: the weights each store was featurized with (its recorded ``use_ema``); True / False: the
             EMA / raw weights (refused when they are not the store's: weights hash).
+        pairs_per_pass: pending pairs scored by one pass over the stores (one predict batch); the solves kept
+            meanwhile take ``M * d * pairs_per_pass`` floats.
+        precision: of the big products, "float32" (on the accelerator when there is one) or "float64" (the
+            reference).
+        module_class: the LightningModule class of the stores' checkpoints (e.g. ``my_package.MyModule``), for
+            checkpoints that record none (ours record ``module_class``; LightningCLI records ``_class_path``).
     """
 
     def __init__(self, features: str, targets: str, out_dir: Optional[str] = None, output: str = "loss",
                  num_draws: int = 20, draw_seed: int = 0, share_noise: bool = False, relative_lam: float = 0.1,
                  topk: int = 8, steps: Optional[list[int]] = None, target_ids: Optional[list[int]] = None,
-                 patch: Optional[str] = None, pair_batch_size: int = 4, use_ema: Optional[bool] = None) -> None:
+                 patch: Optional[str] = None, pair_batch_size: int = 4, use_ema: Optional[bool] = None,
+                 pairs_per_pass: int = 1024, precision: str = "float32", module_class: Optional[str] = None) -> None:
         super().__init__()
-        check_score_settings(output, num_draws, draw_seed, relative_lam, topk, steps, target_ids, pair_batch_size)
+        check_score_settings(output, num_draws, draw_seed, relative_lam, topk, steps, target_ids, pair_batch_size,
+                             pairs_per_pass, precision)
         self.save_hyperparameters()
         self.out_dir = Path(out_dir) if out_dir else Path(targets).parent / "scores"
         self.stores = open_feature_stores(features)  # every store checked: sizes, complete, checksums
@@ -100,7 +122,8 @@ class AttributionModule(LightningModule):
         self.masks = load_patch(self.hparams.patch, self.trajectories)
         self.pair_keys = self._pair_keys()
         self.resume_counts: dict[str, int] = {}
-        self.denoisers = torch.nn.ModuleList()
+        self.resident = ResidentCheckpoint(self._load_resident)
+        self.tasks, self.denoisers, self.projectors = (self.resident.view(i) for i in range(3))
         self.data: Any = None
         self._loaded = False
 
@@ -116,17 +139,24 @@ class AttributionModule(LightningModule):
     def setup(self, stage: str) -> None:
         if self._loaded:
             return
-        modules = [self._load_checkpoint(store) for store in self.stores]
-        self.tasks = [m.attribution_task() for m in modules]
-        self.denoisers.extend(resolve_denoiser(m, self._use_ema(s)).model for m, s in zip(modules, self.stores))
-        self.projectors = [projector_from_meta(s.meta["projector"], d) for s, d in zip(self.stores, self.denoisers)]
-        self.kernels = [load_kernel(s) for s in self.stores]
+        for m in range(len(self.stores)):  # every checkpoint checked (weights hash) before any pair, one at a time
+            self.resident.get(m)
+        self.resident.release()  # setup runs before Lightning picks the device: the pass loads them there
+        self.kernels = [load_spectrum(s) for s in self.stores]  # eigenvalues only: the relative lambda
         self.lams = [relative_lambda(k, self.hparams.relative_lam) for k in self.kernels]
         self._loaded = True
 
+    def _load_resident(self, m: int) -> tuple:
+        """(task, denoiser on this module's device, projector) of checkpoint ``m``, its weights hash checked."""
+        store = self.stores[m]
+        module = self._load_checkpoint(store)
+        denoiser = resolve_denoiser(module, self._use_ema(store)).model
+        projector = projector_from_meta(store.meta["projector"], denoiser)
+        return module.attribution_task(), denoiser.to(self.device).eval(), projector
+
     def _load_checkpoint(self, store: FeatureStore) -> LightningModule:
         meta = store.meta["checkpoint"]
-        module = load_diffusion_module(meta["file"])
+        module = load_diffusion_module(meta["file"], class_path=self.hparams.get("module_class"))
         found = weights_hash(resolve_denoiser(module, self._use_ema(store)).model, store.meta.get("param_names"))
         if found != meta["weights_hash"]:
             raise CheckpointMismatchError(f"Feature store {store.path} was made from other weights than checkpoint "
@@ -168,14 +198,15 @@ class AttributionModule(LightningModule):
                        f"to compute ({c['missing']} missing, {c['stale']} made with other inputs, {c['corrupt']} "
                        "corrupt)")
         pending = [pair for pair, status in states if status != "ok"]
-        return DataLoader(PairDataset(self.trajectories, pending), batch_size=self.hparams.pair_batch_size)
+        return DataLoader(PairDataset(self.trajectories, pending), batch_size=self.hparams.pairs_per_pass)
 
     def _pair_keys(self) -> dict[tuple[int, int], str]:
         """{(target id, timestep): key}: a hash of everything that changes the pair's scores."""
         common = json.dumps({"format": 2, "stores": [s.identity() for s in self.stores],
                              "use_ema": [self._use_ema(s) for s in self.stores],
                              **{k: self.hparams[k] for k in ("output", "num_draws", "draw_seed", "share_noise",
-                                                             "relative_lam")}}, sort_keys=True, default=str)
+                                                             "relative_lam", "precision")}}, sort_keys=True,
+                            default=str)
         keys = {}
         for traj in self.trajectories:
             mask = self.masks.get(traj.target_id) if isinstance(self.masks, dict) else self.masks
@@ -191,17 +222,28 @@ class AttributionModule(LightningModule):
 
     # ----------------------------------------------------------------- scoring
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        """One pass (see the module docstring): ``{"target", "t", "scores": ScoreColumns (N, pairs) on disk}``."""
+        solved = [self.solve_checkpoint(m, batch) for m in range(len(self.stores))]
+        where = f"of targets {batch['target'].tolist()} at steps {batch['t'].tolist()}"
+        result = score_pass(self.stores, solved, device=self.device, precision=self.hparams.precision,
+                            columns=True, scratch_dir=self.out_dir / "pairs", what=f"scores {where}")
+        return {"target": batch["target"].cpu(), "t": batch["t"].cpu(), "scores": result.columns}
+
+    def solve_checkpoint(self, m: int, batch: dict) -> torch.Tensor:
+        """``(d, pairs)`` solve ``(K_m + lambda_m I)^-1 G_m^T`` of the batch's target gradients at checkpoint ``m``
+        (vmap batches of ``pair_batch_size``), in the compute precision."""
+        file = self.stores[m].meta["checkpoint"].get("file")
+        grads = []
         with torch.inference_mode(False), torch.enable_grad():
-            x_t, t = batch["x_t"].clone(), batch["t"].clone()
-            cond = batch["cond"].clone() if "cond" in batch else None
-            grads = [self.target_gradients(m, x_t, t, batch["target"].clone(), cond) for m in range(len(self.stores))]
-            for store, g in zip(self.stores, grads):
-                require_finite(g, "target gradients", f"at checkpoint {store.meta['checkpoint'].get('file')} for "
-                               f"targets {batch['target'].tolist()} at steps {t.tolist()}")
-            blocks = iter_score_blocks(self.stores, grads, self.lams)
-            scores = torch.cat([b for _, _, b in blocks]).float()
-            require_finite(scores, "scores", f"of targets {batch['target'].tolist()} at steps {t.tolist()}")
-        return {"target": batch["target"].cpu(), "t": t.cpu(), "scores": scores}
+            for rows in torch.arange(len(batch["t"])).split(self.hparams.pair_batch_size):
+                x_t, t, target = batch["x_t"][rows].clone(), batch["t"][rows].clone(), batch["target"][rows].clone()
+                cond = batch["cond"][rows].clone() if "cond" in batch else None
+                g = self.target_gradients(m, x_t, t, target, cond).detach()
+                require_finite(g, "target gradients", f"at checkpoint {file} for targets {target.tolist()} at steps "
+                               f"{t.tolist()}")
+                grads.append(g)
+        dtype = torch.float64 if self.hparams.precision == "float64" else torch.float32
+        return solve_targets(self.stores[m], torch.cat(grads), self.lams[m]).to(dtype)
 
     def target_gradients(self, m: int, x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor,
                          cond: Optional[torch.Tensor]) -> torch.Tensor:
@@ -227,12 +269,46 @@ class AttributionModule(LightningModule):
             yield (target == tid).nonzero().reshape(-1), self.masks[tid]
 
 
+class ResidentCheckpoint:
+    """The ``(task, denoiser, projector)`` of ONE checkpoint at a time: asking for another checkpoint drops the
+    current one, then loads the other (``load(m)``). ``view(i)`` indexes like a list: ``view(1)[m]`` is the
+    denoiser of checkpoint ``m``."""
+
+    def __init__(self, load) -> None:
+        self._load, self._index, self._items = load, None, None
+
+    def get(self, m: int) -> tuple:
+        if m != self._index:
+            self.release()  # free the resident checkpoint before loading the next
+            self._items, self._index = self._load(m), m
+        return self._items
+
+    def release(self) -> None:
+        """Drop the resident checkpoint."""
+        self._index, self._items = None, None
+
+    def view(self, i: int) -> "_ResidentView":
+        return _ResidentView(self, i)
+
+
+class _ResidentView:
+    def __init__(self, resident: ResidentCheckpoint, i: int) -> None:
+        self._resident, self._i = resident, i
+
+    def __getitem__(self, m: int):
+        return self._resident.get(m)[self._i]
+
+
 def check_score_settings(output: str, num_draws: int, draw_seed: int, relative_lam: float, topk: int,
-                         steps: Optional[list[int]], target_ids: Optional[list[int]], pair_batch_size: int) -> None:
+                         steps: Optional[list[int]], target_ids: Optional[list[int]], pair_batch_size: int,
+                         pairs_per_pass: int = 1024, precision: str = "float32") -> None:
     """Refuse settings that cannot give useful scores (before any file is read)."""
     if output not in ("loss", "square"):
         raise SettingsError(f"Expected `output` to be 'loss' or 'square', but got {output!r}")
-    for name, value in (("num_draws", num_draws), ("topk", topk), ("pair_batch_size", pair_batch_size)):
+    if precision not in ("float32", "float64"):
+        raise SettingsError(f"Expected `precision` to be 'float32' or 'float64', but got {precision!r}")
+    for name, value in (("num_draws", num_draws), ("topk", topk), ("pair_batch_size", pair_batch_size),
+                        ("pairs_per_pass", pairs_per_pass)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise SettingsError(f"Expected `{name}` to be a positive int, but got {value!r}")
     if isinstance(draw_seed, bool) or not isinstance(draw_seed, int) or draw_seed < 0:

@@ -135,3 +135,62 @@ def test_two_processes_write_disjoint_rows(tmp_path):
     store = FeatureStore.open(tmp_path, meta)
     assert store.is_complete
     torch.testing.assert_close(store.read(), torch.arange(200.0).unsqueeze(1).expand(200, 4))
+
+
+def _file_bytes(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and p.name != ".lock"}
+
+
+def _part_writer(path, meta, rank, world):
+    """One rank of a multi-rank featurize: its contiguous share into its own part, nothing else."""
+    store = FeatureStore.open(path, meta, create=False)
+    rows = store.rank_share(rank, world)
+    part = store.part(rows)
+    part.write(rows, rows.float().unsqueeze(1).expand(len(rows), 4) + 0.5, rows.float() / 10)
+
+
+def test_ranks_write_contiguous_shares_into_their_own_parts_and_rank_zero_merges(tmp_path):
+    meta = _meta(N=101, with_weights=True)
+    store = FeatureStore.open(tmp_path, meta)
+    store.write(torch.tensor([3, 50]), torch.zeros(2, 4), torch.zeros(2))  # rows of an earlier run
+    before = _file_bytes(tmp_path)
+    shares = [store.rank_share(r, 3) for r in range(3)]
+    assert torch.equal(torch.cat(shares), store.missing_rows())  # disjoint, in order, all the missing rows
+    assert all(bool((s[1:] > s[:-1]).all()) for s in shares) and max(map(len, shares)) - min(map(len, shares)) <= 1
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_part_writer, args=(tmp_path, meta, r, 3)) for r in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    parts = sorted((tmp_path / "parts").iterdir())
+    assert len(parts) == 3 and len({p.name for p in parts}) == 3  # one folder (files) per rank
+    assert _file_bytes(tmp_path) == before  # no rank touched the store's own files
+    assert store.merge_parts() == 99 and not (tmp_path / "parts").exists()
+    assert store.is_complete
+    expected = torch.arange(101.0).unsqueeze(1).expand(101, 4) + 0.5
+    expected[[3, 50]] = 0
+    torch.testing.assert_close(store.read(), expected)
+    torch.testing.assert_close(store.weights()[[0, 100]], torch.tensor([0.0, 10.0]))
+    assert store.merge_parts() == 0
+
+
+def test_a_killed_multi_rank_run_keeps_the_rows_its_parts_finished(tmp_path):
+    meta = _meta(N=30)
+    store = FeatureStore.open(tmp_path, meta)
+    part = store.part(torch.arange(10, 20))
+    part.write(torch.tensor([10, 11]), torch.ones(2, 4))  # killed after two rows
+    with pytest.raises(ValueError, match=r"rows. in \[10, 20\)"):
+        part.write(torch.tensor([25]), torch.ones(1, 4))
+    (tmp_path / "parts" / "rows_0000000020_0000000030").mkdir()  # killed while being created: no meta.json
+    again = FeatureStore.open(tmp_path, meta)
+    assert again.merge_parts() == 2
+    assert again.missing_rows().tolist() == [r for r in range(30) if r not in (10, 11)]
+    other = FeatureStore.open(tmp_path / "other", _meta(N=30))
+    bad = other.part(torch.arange(0, 5))
+    bad.write(torch.tensor([0]), torch.ones(1, 4))
+    json_path = bad.path / "meta.json"
+    json_path.write_text(json_path.read_text().replace('"abc"', '"xyz"'))  # a part of other data
+    with pytest.raises(StoreMismatchError, match="dataset_fingerprint"):
+        other.merge_parts()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler
 from lightning.pytorch import LightningModule, seed_everything
 
 from attribution import DiffusionTask, FeatureStore, StoreMismatchError, featurize_batch, load_kernel

@@ -7,7 +7,7 @@ import pytest
 import torch
 from lightning.pytorch import Trainer, seed_everything
 
-from attribution import FeatureStore, StepOutput, dense_scores_float64, featurize_batch, load_kernel, x0_hat
+from attribution import StepOutput, dense_scores_float64, featurize_batch, load_kernel, x0_hat
 from attribution.trajectory import from_samples, load_targets, save_targets
 from callbacks import TrakFeaturizeCallback
 from attribution.featurize import projector_from_meta

@@ -43,3 +43,40 @@ def fit_trainer(root: Path, callbacks: list, max_steps: int = 4, every: int = 2,
                                  auto_insert_metric_name=False)
     return Trainer(accelerator="cpu", max_steps=max_steps, default_root_dir=root, logger=False,
                    enable_progress_bar=False, enable_model_summary=False, callbacks=[checkpoint, *callbacks], **kw)
+
+
+class Killed(Exception):
+    """Stands for a kill in the middle of a job (Lightning turns a KeyboardInterrupt into an exit)."""
+
+
+class FailAfter:
+    """A featurize rows loader that dies after ``n`` batches of 16, like a killed job (raises ``error``)."""
+
+    def __init__(self, dm, n, error: type[BaseException] = Killed):
+        self.dm, self.n, self.error = dm, n, error
+
+    def __call__(self, rows):
+        for i, batch in enumerate(self.dm.featurize_dataloader(rows.tolist(), batch_size=16)):
+            if i == self.n:
+                raise self.error("killed while featurizing")
+            yield batch
+
+
+def fitted_with_targets(root: Path, proj_dim: int, num_draws: int, num_inference_steps: int,
+                        record_steps: list[int], seeds=(11, 12)):
+    """A tiny model fitted on small data with the featurize callback (2 checkpoints under ``root/fit``) and the
+    recorded targets of ``seeds`` in ``root/targets``; returns ``(root, datamodule)``."""
+    from lightning.pytorch import seed_everything
+
+    from attribution.trajectory import from_samples, save_targets
+    from callbacks import TrakFeaturizeCallback
+
+    dm = small_data(root)
+    seed_everything(0)
+    module = tiny_module()
+    callback = TrakFeaturizeCallback(proj_dim=proj_dim, num_draws=num_draws, batch_size=64)
+    fit_trainer(root / "fit", [callback]).fit(module, datamodule=dm)
+    module.eval()
+    result = module.sample(list(seeds), num_inference_steps=num_inference_steps, record=True, record_steps=record_steps)
+    save_targets(from_samples(result), root / "targets")
+    return root, dm

@@ -14,7 +14,7 @@ from callbacks import TrakFeaturizeCallback
 from attribution.featurize import projector_from_meta
 from cli import main
 from conftest import CONFIGS
-from helpers import fit_trainer, small_data, tiny_module, tiny_unet
+from helpers import FailAfter, fit_trainer, small_data, tiny_module, tiny_unet
 from attribution.identity import CheckpointMismatchError, data_identity
 
 SETTINGS = dict(proj_dim=32, num_draws=2, batch_size=64)
@@ -58,25 +58,12 @@ def test_training_is_unaffected_by_the_callback(tmp_path):
     assert torch.equal(weights[0], weights[1])
 
 
-class FailAfter:
-    """A rows loader that dies after ``n`` batches, like a killed job."""
-
-    def __init__(self, dm, n):
-        self.dm, self.n = dm, n
-
-    def __call__(self, rows):
-        for i, batch in enumerate(self.dm.featurize_dataloader(rows.tolist(), batch_size=16)):
-            if i == self.n:
-                raise KeyboardInterrupt("killed")
-            yield batch
-
-
 def test_a_killed_run_resumes_with_only_the_missing_rows(tmp_path):
     dm, module = small_data(tmp_path), tiny_module().eval()
     featurizer = CheckpointFeaturizer(FeaturizeSettings(**SETTINGS))
     ident, info = data_identity(dm), {"global_step": 0}
     with pytest.raises(KeyboardInterrupt):
-        featurizer.run(module, FailAfter(dm, 3), ident, tmp_path / "killed", info, progress=False)
+        featurizer.run(module, FailAfter(dm, 3, KeyboardInterrupt), ident, tmp_path / "killed", info, progress=False)
     store = FeatureStore.open(tmp_path / "killed", _meta(tmp_path / "killed"), create=False)
     assert int(store.done_mask().sum()) == 48 and not (tmp_path / "killed" / "kernel.json").exists()
     loader = lambda rows: dm.featurize_dataloader(rows.tolist(), batch_size=16)

@@ -14,26 +14,9 @@ from attribution.featurize import CheckpointFeaturizer, FeaturizeSettings
 from attribution.identity import data_identity
 from callbacks import TrakFeaturizeCallback
 from commands.trainer import AttributionTrainer
-from helpers import fit_trainer, small_data, tiny_module
+from helpers import FailAfter, Killed, fit_trainer, small_data, tiny_module
 
 SETTINGS = dict(proj_dim=16, num_draws=1, batch_size=16)
-
-
-class Killed(Exception):
-    """Stands for a kill (Lightning turns a KeyboardInterrupt into an exit)."""
-
-
-class FailAfter:
-    """A rows loader that dies after ``n`` batches of 16, like a killed job."""
-
-    def __init__(self, dm, n):
-        self.dm, self.n = dm, n
-
-    def __call__(self, rows):
-        for i, batch in enumerate(self.dm.featurize_dataloader(rows.tolist(), batch_size=16)):
-            if i == self.n:
-                raise Killed("killed while featurizing")
-            yield batch
 
 
 def _store(path):

@@ -5,15 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import Trainer
 
 from attribution import StepOutput, dense_scores_float64, featurize_batch, load_kernel, x0_hat
-from attribution.trajectory import from_samples, load_targets, save_targets
-from callbacks import TrakFeaturizeCallback
 from attribution.featurize import projector_from_meta
-from helpers import fit_trainer, small_data, tiny_module
-from lightning_modules import AttributionModule
 from attribution.store import open_feature_stores
+from attribution.trajectory import load_targets
+from helpers import fitted_with_targets
+from lightning_modules import AttributionModule
 from lightning_modules.loading import load_diffusion_module
 from tolerances import EPS32, score_rounding_bound
 
@@ -23,15 +22,8 @@ SCORE = dict(num_draws=4, relative_lam=0.5, topk=3, pair_batch_size=3)
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A tiny model fitted with the featurize callback (2 checkpoints) and 2 recorded targets."""
-    root = tmp_path_factory.mktemp("attr")
-    dm = small_data(root)
-    seed_everything(0)
-    module = tiny_module()
-    fit_trainer(root / "fit", [TrakFeaturizeCallback(proj_dim=24, num_draws=2, batch_size=64)]).fit(module, datamodule=dm)
-    module.eval()
-    result = module.sample([11, 12], num_inference_steps=20, record=True, record_steps=[950, 500, 0])
-    save_targets(from_samples(result), root / "targets")
-    return root, dm
+    return fitted_with_targets(tmp_path_factory.mktemp("attr"), proj_dim=24, num_draws=2, num_inference_steps=20,
+                               record_steps=[950, 500, 0])
 
 
 def predict(run, out, **kw):

@@ -13,11 +13,9 @@ from lightning.pytorch import Trainer, seed_everything
 
 import callbacks.score_writer as score_writer
 from attribution.errors import CheckpointMismatchError, NonFiniteError
-from attribution.trajectory import from_samples, save_targets
-from callbacks import TrakFeaturizeCallback
 from callbacks.score_writer import load_target_scores
 from commands.trainer import AttributionTrainer
-from helpers import fit_trainer, small_data, tiny_module
+from helpers import fit_trainer, fitted_with_targets, tiny_module
 from lightning_modules import AttributionModule
 from tolerances import EPS32, score_rounding_bound
 
@@ -31,15 +29,8 @@ class Killed(Exception):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A tiny model fitted with the featurize callback (2 checkpoints) and 2 recorded targets (3 steps each)."""
-    root = tmp_path_factory.mktemp("resume")
-    dm = small_data(root)
-    seed_everything(0)
-    module = tiny_module()
-    fit_trainer(root / "fit", [TrakFeaturizeCallback(proj_dim=16, num_draws=1, batch_size=64)]).fit(module, datamodule=dm)
-    module.eval()
-    save_targets(from_samples(module.sample([11, 12], num_inference_steps=10, record=True, record_steps=[900, 500, 0])),
-                 root / "targets")
-    return root, dm
+    return fitted_with_targets(tmp_path_factory.mktemp("resume"), proj_dim=16, num_draws=1, num_inference_steps=10,
+                               record_steps=[900, 500, 0])
 
 
 def flip_a_stored_byte(path):

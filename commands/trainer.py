@@ -23,6 +23,7 @@ from attribution.protocol import check_protocol, first_inputs
 from attribution.sampling import scheduler_from_task
 from attribution.store import FeatureStore
 from attribution.trajectory import Trajectory, real_image_target, sample_targets, save_targets
+from callbacks.exact_resume import ExactResume
 from callbacks.run_checks import RunChecks
 from callbacks.trak_featurize import TrakFeaturizeCallback
 from commands.featurize_runner import FeaturizeRunner, checkpoint_info
@@ -41,7 +42,8 @@ class AttributionTrainer(LDSCommands, Trainer):
     """A ``Trainer`` whose extra methods are the subcommands of ``cli.py``.
 
     ``fit`` adds :class:`callbacks.run_checks.RunChecks` (a non-finite loss fails the run; checkpoints are
-    stamped with their weights' checksum) and refuses a ``ckpt_path`` trained on other data.
+    stamped with their weights' checksum), :class:`callbacks.exact_resume.ExactResume` (a resumed fit continues
+    exactly), and refuses a ``ckpt_path`` trained on other data.
     """
 
     def fit(self, model: LightningModule, train_dataloaders: Any = None, val_dataloaders: Any = None,
@@ -49,8 +51,9 @@ class AttributionTrainer(LDSCommands, Trainer):
             weights_only: Optional[bool] = None) -> None:
         """``Trainer.fit``: a ``ckpt_path`` is checked against the data before anything runs."""
         check_resume(ckpt_path, datamodule if datamodule is not None else train_dataloaders)
-        if not any(isinstance(callback, RunChecks) for callback in self.callbacks):
-            self.callbacks.append(RunChecks())
+        for needed in (RunChecks, ExactResume):
+            if not any(isinstance(callback, needed) for callback in self.callbacks):
+                self.callbacks.append(needed())
         return super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, weights_only)
 
     def masks(self, model: LightningModule, datamodule: LightningDataModule, out_dir: str = "masks",

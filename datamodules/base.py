@@ -8,16 +8,18 @@ when ``N`` is cheaper to know than the pixels (then the data is only loaded on f
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from attribution.errors import AttributionInputError, CheckpointMismatchError, DataSourceError, SettingsError
 from attribution.identity import read_identity
 from attribution.masks import dataset_fingerprint, load_subset_mask, mask_hash
+from attribution.seeding import cpu_generator
 from datamodules.array_dataset import ArrayImageDataset, check_uint8_images, resize_and_pad, to_float
 
 __all__ = ["ImageDataModule"]
@@ -193,23 +195,30 @@ class ImageDataModule(LightningDataModule):
             raise IndexError(f"Expected global indices in [0, {self.num_examples}), but got {bad}")
         return array
 
-    def _loader(self, dataset: ArrayImageDataset, batch_size: int, generator=None) -> DataLoader:
+    def _loader(self, dataset: ArrayImageDataset, batch_size: int, sampler: Optional[Sampler] = None) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=generator is not None,
-            generator=generator,
+            sampler=sampler,
             drop_last=False,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        """The subset only, shuffled by a ``torch.Generator`` seeded with ``seed``."""
+        """The subset only, in a new order each epoch (a function of ``seed`` and the epoch). A fit resumed in
+        the middle of an epoch continues that epoch's order after the batches already trained on."""
         self._ensure_loaded()
         dataset = ArrayImageDataset(self._images, self._labels, self.subset_indices, self.augment, self._captions)
-        generator = torch.Generator().manual_seed(self.seed)
-        return self._loader(dataset, self.batch_size, generator)
+        sampler = EpochSampler(len(dataset), self.seed)
+        trainer = self.trainer
+        if trainer is not None and trainer.fit_loop.restarting:
+            # batches of the current epoch already trained on (the checkpoint is saved in the batch-end hook,
+            # before Lightning counts that batch as completed, so its own counter is one short)
+            per_epoch = math.ceil(len(dataset) / self.batch_size)
+            done = trainer.global_step * trainer.accumulate_grad_batches - trainer.current_epoch * per_epoch
+            sampler.resume(trainer.current_epoch, max(0, done) * self.batch_size)
+        return self._loader(dataset, self.batch_size, sampler)
 
     def featurize_dataloader(
         self, indices: Optional[Sequence[int]] = None, batch_size: Optional[int] = None
@@ -280,3 +289,26 @@ class ImageDataModule(LightningDataModule):
             if isinstance(value, dict) and {"num_examples", "fingerprint", "mask_hash"} <= set(value):
                 return dict(value)
         return None
+
+
+class EpochSampler(Sampler[int]):
+    """Shuffled positions: epoch ``e``'s order is a permutation drawn from ``(seed, e)`` alone, so any epoch can
+    be replayed. Lightning calls :meth:`set_epoch` at each epoch start; :meth:`resume` skips the positions a
+    resumed run already trained on in its first epoch."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch, self._skip = int(size), int(seed), 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def resume(self, epoch: int, skip: int) -> None:
+        self.epoch, self._skip = int(epoch), int(skip)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        order = torch.randperm(self.size, generator=cpu_generator(self.seed, 0x5A3, self.epoch))
+        skip, self._skip = self._skip, 0
+        return iter(order[skip:].tolist())

@@ -44,6 +44,7 @@ demo: $(STAMP)
 	@echo "  $(DEMO)/targets/targets.png                  the 4 generated targets"
 	@echo "  $(DEMO)/scores/target_0000.png ...           top influencers per step (green +, red -)"
 	@echo "  $(DEMO)/scores/index.html                    every target, one page"
+	@echo "  $(DEMO)/scores/member_fraction.json          top-k ranked among the mask's members (rank=members)"
 	@echo "  .venv/bin/tensorboard --logdir $(DEMO)        loss, featurize speed, sample grids, influencers"
 
 # The same chain for the text-conditional LDM on the digits with captions ("a handwritten digit seven"):

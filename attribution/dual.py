@@ -40,7 +40,9 @@ from torch import Tensor
 from .atomic import atomic_save_npy, atomic_write_json
 from .store import FeatureStore
 
-__all__ = ["GramKernel", "finalize_gram", "load_gram", "gram_scores", "members_hash"]
+__all__ = ["GramKernel", "GRAM_FILES", "finalize_gram", "load_gram", "gram_scores", "gram_scores_sweep", "members_hash"]
+
+GRAM_FILES = ("gram.npy", "gram_eigenvalues.npy", "gram_eigenvectors.npy", "gram_members.npy")
 
 
 class GramKernel(NamedTuple):
@@ -146,16 +148,30 @@ def gram_scores(stores: Sequence[FeatureStore], target_grads_per_store: Sequence
     Members of each checkpoint's kernel get the exact dual solve; non-members get the predicted effect of
     adding them (see the module docstring). ``kernels``: from :func:`load_gram` (default: load them).
     """
+    return gram_scores_sweep(stores, target_grads_per_store, [relative_lam], kernels, block_rows)[0]
+
+
+def gram_scores_sweep(stores: Sequence[FeatureStore], target_grads_per_store: Sequence[Tensor],
+                      relative_lams: Sequence[float], kernels: Optional[Sequence[GramKernel]] = None,
+                      block_rows: int = 1024) -> Tensor:
+    """:func:`gram_scores` for every ridge of ``relative_lams`` from ONE pass over each store: ``(L, N, B)``."""
     if not stores or len(stores) != len(target_grads_per_store):
         raise ValueError(f"Expected one target-gradient matrix per store, but got {len(stores)} stores and "
                          f"{len(target_grads_per_store)} matrices")
+    if not relative_lams:
+        raise ValueError("Expected at least one relative ridge in `relative_lams`, but got none")
     kernels = kernels or [load_gram(s) for s in stores]
     total = None
     for store, G, kern in zip(stores, target_grads_per_store, kernels):
         h = _projected_targets(store, G, block_rows)
-        lam = kern.ridge(relative_lam)
-        a = kern.solve_members(h[kern.members], lam)
-        scores = (h - kern.gram[:, kern.members] @ a) / lam
-        scores[kern.members] = a
-        total = scores if total is None else total + scores
+        cross = kern.gram[:, kern.members]
+        per_lambda = []
+        for relative_lam in relative_lams:
+            lam = kern.ridge(relative_lam)
+            a = kern.solve_members(h[kern.members], lam)
+            scores = (h - cross @ a) / lam
+            scores[kern.members] = a
+            per_lambda.append(scores)
+        stacked = torch.stack(per_lambda)
+        total = stacked if total is None else total + stacked
     return total / len(stores)

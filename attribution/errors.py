@@ -8,8 +8,8 @@ keeps its traceback.
 from __future__ import annotations
 
 __all__ = ["AttributionInputError", "SettingsError", "SettingsTypeError", "CorruptFileError", "NonFiniteError",
-           "StoreMismatchError", "CheckpointMismatchError", "SubsetMaskError", "ShardError", "PatchError",
-           "TargetsError", "DataSourceError", "ProtocolError"]
+           "StoreMismatchError", "CheckpointMismatchError", "SubsetMaskError", "MembersError", "ShardError",
+           "PatchError", "TargetsError", "DataSourceError", "ProtocolError"]
 
 
 class AttributionInputError(ValueError):
@@ -42,6 +42,11 @@ class CheckpointMismatchError(AttributionInputError):
 
 class SubsetMaskError(AttributionInputError):
     """A subset mask file is missing, unreadable or does not describe a subset of the data."""
+
+
+class MembersError(AttributionInputError):
+    """The training members of a checkpoint (``members`` of scoring) cannot be established: its recorded subset
+    mask is missing, or a mask file's hash differs from the one the checkpoint records."""
 
 
 class ShardError(AttributionInputError):

@@ -43,6 +43,12 @@ it is positive exactly when removing ``i`` raises ``f_t``, i.e. including ``i`` 
 
 Weights and checkpoints: each checkpoint's scores are multiplied by that checkpoint's weights
 and then averaged (TRAK instead multiplies the averaged scores by averaged weights).
+
+Members (``attribution.members``): a model fit on a subset mask ``M`` was influenced only by its members, so
+its kernel is ``K_M = Phi_M^T Phi_M`` over the member rows (:func:`finalize_members`, saved beside the store
+under names keyed by the members' hash; :func:`member_kernel` forms it once and then loads it). Every row ``i``
+still gets ``phi_i^T (K_M + lambda I)^-1 g``: for a non-member, the predicted effect of *adding* it. With all
+N rows as members the store's own kernel (:func:`finalize`) is that kernel.
 """
 from __future__ import annotations
 
@@ -63,9 +69,10 @@ from . import _checks
 from .atomic import atomic_save_npy, atomic_write_json
 from .errors import CorruptFileError, SettingsError
 from .integrity import check_file_sha256, check_npy_file, file_sha256, require_finite
-from .store import KERNEL_FORMAT, FeatureStore
+from .store import KERNEL_FORMAT, FeatureStore, read_json
 
 __all__ = ["KernelEigen", "KernelSpectrum", "finalize", "load_kernel", "load_spectrum", "relative_lambda", "solve_targets",
+           "finalize_members", "load_member_kernel", "member_kernel", "member_kernel_files",
            "iter_pass_blocks", "score_pass", "ScorePass", "ScoreColumns", "default_block_rows", "default_device",
            "score", "iter_score_blocks", "topk_scores", "TopK", "sweep_solves", "lambda_sweep", "dense_scores_float64"]
 
@@ -107,6 +114,7 @@ def _check_lambda(kernel: KernelEigen, lam: float) -> None:
 
 
 _KERNEL_FILES = ("kernel_eigenvalues.npy", "kernel_eigenvectors.npy")
+PRIMAL_MAX_DIM = 32768  # wider stores (unprojected features) get the N x N Gram kernel: d x d float64 > 8 GiB
 
 
 def finalize(store: FeatureStore, block_rows: int = 8192) -> KernelEigen:
@@ -118,6 +126,8 @@ def finalize(store: FeatureStore, block_rows: int = 8192) -> KernelEigen:
     """
     if not store.is_complete:
         raise ValueError(f"Expected a complete `store`, but {len(store.missing_rows())} of {store.N} rows are missing")
+    if store.d > PRIMAL_MAX_DIM:
+        return _finalize_gram(store)
     K = torch.zeros(store.d, store.d, dtype=torch.float64)
     for start, stop in store.row_blocks(block_rows):
         block = store.read(start, stop, torch.float64)
@@ -134,11 +144,34 @@ def finalize(store: FeatureStore, block_rows: int = 8192) -> KernelEigen:
     return KernelEigen(s, U)
 
 
+def _finalize_gram(store: FeatureStore):
+    """A store too wide for the ``d x d`` kernel (unprojected features, d > PRIMAL_MAX_DIM): the ``N x N``
+    Gram kernel of :mod:`attribution.dual` instead, with ``kernel.json`` recording ``"kernel": "gram"`` and
+    the checksums of the store and Gram files (so the store counts as finalized and is verified on open)."""
+    from .dual import GRAM_FILES, finalize_gram
+
+    kernel = finalize_gram(store)
+    checksums = {**store.file_checksums(), **{name: file_sha256(store.path / name) for name in GRAM_FILES}}
+    atomic_write_json(store.path / "kernel.json", {"N": store.N, "d": store.d, "kernel": "gram",
+                                                   "trace": float(kernel.eigenvalues.clamp(min=0).sum()),
+                                                   "format": KERNEL_FORMAT, "checksums": checksums})
+    log.info("finalized %s with the N x N Gram kernel (d = %d > %d)", store.path, store.d, PRIMAL_MAX_DIM)
+    return kernel
+
+
+def _refuse_gram(store: FeatureStore, record: dict) -> None:
+    if record.get("kernel") == "gram":
+        raise SettingsError(f"Store {store.path} holds unprojected features (d = {store.d} > {PRIMAL_MAX_DIM}): its "
+                            "kernel is the N x N Gram matrix, not Phi^T Phi; score it with the exact estimator "
+                            "(LDS method dual@<name>, attribution.dual.gram_scores), or featurize with a projection")
+
+
 def load_kernel(store: FeatureStore) -> KernelEigen:
     """The kernel saved by :func:`finalize`: sizes and (when recorded) checksums checked, eigenvalues finite."""
     record = store.kernel_record()
     if record is None:
         raise FileNotFoundError(f"Expected a finalized `store` at {store.path}; call finalize(store) first")
+    _refuse_gram(store, record)
     shapes = {"kernel_eigenvalues.npy": (store.d,), "kernel_eigenvectors.npy": (store.d, store.d)}
     for name, shape in shapes.items():
         check_npy_file(store.path / name, shape, np.float64, f"the store's width d = {store.d}")
@@ -162,6 +195,7 @@ def load_spectrum(store: FeatureStore) -> KernelSpectrum:
     record = store.kernel_record()
     if record is None:
         raise FileNotFoundError(f"Expected a finalized `store` at {store.path}; call finalize(store) first")
+    _refuse_gram(store, record)
     name = "kernel_eigenvalues.npy"
     check_npy_file(store.path / name, (store.d,), np.float64, f"the store's width d = {store.d}")
     if name in record.get("checksums", {}):
@@ -169,6 +203,111 @@ def load_spectrum(store: FeatureStore) -> KernelSpectrum:
     s = torch.from_numpy(np.load(store.path / name))
     require_finite(s, "kernel eigenvalues", f"in {store.path}")
     return KernelSpectrum(s)
+
+
+# ----------------------------------------------------------------------------- the members' kernel
+def member_kernel_files(members_hash: str) -> tuple[str, str, str]:
+    """``(eigenvalues, eigenvectors, record)`` file names of the members' kernel keyed by ``members_hash``."""
+    stem = f"kernel_members_{members_hash}"
+    return f"{stem}_eigenvalues.npy", f"{stem}_eigenvectors.npy", f"{stem}.json"
+
+
+def _features_checksums(store: FeatureStore) -> dict[str, str]:
+    """The sha256 of the store's array files (features, done flags, weights), as ``kernel.json`` records them."""
+    names = {name for name, _, _ in store._layout()}
+    recorded = {k: v for k, v in ((store.kernel_record() or {}).get("checksums") or {}).items() if k in names}
+    return recorded if set(recorded) == names else store.file_checksums()
+
+
+def _member_rows(member_rows, N: int) -> Tensor:
+    rows = torch.as_tensor(np.asarray(member_rows), dtype=torch.long).reshape(-1)
+    if not rows.numel() or int(rows.min()) < 0 or int(rows.max()) >= N or rows.unique().numel() != rows.numel():
+        raise ValueError(f"Expected `member_rows` to be distinct indices in [0, {N}) (at least one), but got "
+                         f"{rows.numel()} values")
+    return rows
+
+
+def finalize_members(store: FeatureStore, member_rows, members_hash: str, folder=None,
+                     block_rows: int = 8192) -> KernelEigen:
+    """The primal kernel of the members only, ``K_M = Phi_M^T Phi_M`` (d x d, float64 over row chunks, the other
+    rows skipped), eigendecomposed and saved like :func:`finalize`'s, under names keyed by ``members_hash``
+    (:func:`member_kernel_files`) in ``folder`` (default: the store's own), atomically; the record, written last,
+    holds N, d, the number of members, their hash, the trace, the checksums of the store's features it was
+    formed from (a kernel of other features is never read) and of its own two files.
+    """
+    if not store.is_complete:
+        raise ValueError(f"Expected a complete `store`, but {len(store.missing_rows())} of {store.N} rows are missing")
+    rows = _member_rows(member_rows, store.N)
+    inside = torch.zeros(store.N, dtype=torch.bool)
+    inside[rows] = True
+    K = torch.zeros(store.d, store.d, dtype=torch.float64)
+    for start, stop in store.row_blocks(block_rows):
+        keep = inside[start:stop]
+        if bool(keep.any()):
+            block = store.read(start, stop, torch.float64)[keep]
+            require_finite(block, "features", f"in store {store.path}", rows=torch.arange(start, stop)[keep])
+            K.addmm_(block.T, block)
+    s, U = torch.linalg.eigh(K)
+    require_finite(s, "members' kernel eigenvalues", f"of store {store.path}")
+    folder = Path(folder or store.path)
+    folder.mkdir(parents=True, exist_ok=True)
+    values, vectors, record = member_kernel_files(members_hash)
+    atomic_save_npy(folder / vectors, U.numpy())
+    atomic_save_npy(folder / values, s.numpy())
+    atomic_write_json(folder / record, {
+        "N": store.N, "d": store.d, "members": int(rows.numel()), "members_hash": members_hash,
+        "trace": float(K.trace()), "format": KERNEL_FORMAT, "store": str(store.path),
+        "features_checksums": _features_checksums(store),
+        "checksums": {name: file_sha256(folder / name) for name in (values, vectors)}})
+    log.info("members' kernel of %s (%d of %d rows, hash %s): eigenvalues in [%.3e, %.3e]", store.path,
+             rows.numel(), store.N, members_hash, float(s.min()), float(s.max()))
+    return KernelEigen(s, U)
+
+
+def _member_record(store: FeatureStore, members_hash: str, folder, members: Optional[int] = None) -> Optional[dict]:
+    """The record of the saved members' kernel; None when there is none or it was formed from other features."""
+    path = Path(folder or store.path) / member_kernel_files(members_hash)[2]
+    if not path.exists():
+        return None
+    record = read_json(path, "members' kernel record")
+    expected = {"N": store.N, "d": store.d, "members_hash": members_hash, "format": KERNEL_FORMAT}
+    if members is not None:
+        expected["members"] = members
+    differ = {k: record.get(k) for k, v in expected.items() if record.get(k) != v}
+    if differ or not isinstance(record.get("checksums"), dict):
+        raise CorruptFileError(f"Expected {path} to record the members' kernel of store {store.path} ({expected}), "
+                               f"but it records {differ or 'no checksums'}; delete it (it is formed again)")
+    return record if record.get("features_checksums") == _features_checksums(store) else None
+
+
+def load_member_kernel(store: FeatureStore, members_hash: str, folder=None,
+                       eigenvectors: bool = True) -> Union[KernelEigen, KernelSpectrum]:
+    """The members' kernel saved by :func:`finalize_members` for these features: sizes and checksums checked,
+    eigenvalues finite; only the eigenvalues (a :class:`KernelSpectrum`) unless ``eigenvectors``."""
+    record = _member_record(store, members_hash, folder)
+    folder = Path(folder or store.path)
+    if record is None:
+        raise FileNotFoundError(f"Expected the members' kernel (hash {members_hash}) of the current features of "
+                                f"store {store.path} in {folder}; form it with finalize_members")
+    values, vectors, name = member_kernel_files(members_hash)
+    shapes = {values: (store.d,), **({vectors: (store.d, store.d)} if eigenvectors else {})}
+    for file, shape in shapes.items():
+        check_npy_file(folder / file, shape, np.float64, f"the store's width d = {store.d}")
+        check_file_sha256(folder / file, record["checksums"].get(file, ""), str(folder / name),
+                          fix=f"delete {folder / name} (the members' kernel is formed again)")
+    s = torch.from_numpy(np.load(folder / values))
+    require_finite(s, "members' kernel eigenvalues", f"in {folder / values}")
+    return KernelEigen(s, torch.from_numpy(np.load(folder / vectors))) if eigenvectors else KernelSpectrum(s)
+
+
+def member_kernel(store: FeatureStore, member_rows, members_hash: str, folder=None, eigenvectors: bool = True,
+                  block_rows: int = 8192) -> Union[KernelEigen, KernelSpectrum]:
+    """The members' kernel of ``store``: loaded (checked) when one of these features and members is saved in
+    ``folder``, else formed and saved (:func:`finalize_members`)."""
+    if _member_record(store, members_hash, folder, members=int(np.asarray(member_rows).size)) is None:
+        kernel = finalize_members(store, member_rows, members_hash, folder, block_rows)
+        return kernel if eigenvectors else KernelSpectrum(kernel.eigenvalues)
+    return load_member_kernel(store, members_hash, folder, eigenvectors)
 
 
 def _weight_sources(stores, train_weights: Weights) -> list:

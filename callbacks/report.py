@@ -64,7 +64,8 @@ def influencer_figure(trajectory: Any, result: dict, images: Callable, path: str
     _show(axes[0, -1], final_picture, title="final")
     caption = f"target {trajectory.target_id} (seed {trajectory.seed})" + (
         f": {trajectory.prompt}" if trajectory.prompt else "")
-    fig.suptitle(f"{caption} - top {k} positive (green) and negative (red) influencers per step", fontsize=8)
+    fig.suptitle(f"{caption} - top {k} positive (green) and negative (red) influencers per step"
+                 + _ranked_among(result), fontsize=8)
     fig.tight_layout()
     path = Path(path)
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
@@ -75,19 +76,36 @@ def influencer_figure(trajectory: Any, result: dict, images: Callable, path: str
     return path
 
 
+def _ranked_among(result: dict) -> str:
+    """How the picture's influencers were chosen, when not among every row of a model trained on all of them."""
+    rank, base = result.get("rank"), result.get("member_base_rate", 1.0)
+    if rank == "nonmembers":
+        return ", among non-members: the predicted effect of ADDING them"
+    return ", among training members" if rank == "members" and base < 1 else ""
+
+
+def _member_fractions(result: dict) -> str:
+    fractions = result.get("member_fraction_positive")
+    return "" if fractions is None else " ".join(f"{float(f):.2f}" for f in fractions)
+
+
 def write_index(entries: list[dict], out_dir: str | Path) -> Path:
     """``index.html`` (and ``index.md``) linking every target's picture, with its top influencers."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows_html, rows_md = [], ["# Attribution report", "", "| target | seed | steps | top positive at the last step | picture |",
-                             "|---|---|---|---|---|"]
+    rows_html, rows_md = [], ["# Attribution report", "", "| target | seed | steps | top positive at the last step | "
+                                                          "member fraction of the top-k positive per step | picture |",
+                             "|---|---|---|---|---|---|"]
     for entry in entries:
         traj, result, picture = entry["trajectory"], entry["result"], entry["picture"]
         top = ", ".join(f"#{int(i)}" for i in result["positive_indices"][:4, -1])
         steps = " ".join(str(int(t)) for t in result["timesteps"])
         name = picture.name if picture else ""
-        rows_md.append(f"| {traj.target_id} | {traj.seed} | {steps} | {top} | [{name}]({name}) |")
+        fractions = _member_fractions(result)
+        rows_md.append(f"| {traj.target_id} | {traj.seed} | {steps} | {top} | {fractions} | [{name}]({name}) |")
         prompt = f"<p>{html.escape(traj.prompt)}</p>" if traj.prompt else ""
+        prompt += (f"<p>member fraction of the top-k positive influencers per step ({html.escape(steps)}): "
+                   f"{fractions}{html.escape(_ranked_among(result))}</p>") if fractions else ""
         rows_html.append(f"<h2>target {traj.target_id} (seed {traj.seed})</h2>{prompt}"
                          + (f'<img src="{html.escape(name)}" style="image-rendering:pixelated">' if name else ""))
     atomic_write_text(out_dir / "index.md", "\n".join(rows_md) + "\n")

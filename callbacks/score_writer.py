@@ -7,15 +7,20 @@ file holds its scores, their checksum and the *key* of what made them (the modul
 features, the target's x_t, the output function, draws, lambda, patch, ...); a rerun reuses a pair only
 when its key matches and its checksum holds, so scores of other inputs are never passed off as these.
 
-Assembly (per target ``<out_dir>/target_XXXX.pt``: scores (N x steps, float32), timesteps, top-k
-positive and negative influencers per step, the key and a checksum; the Figure-1-like picture, PNG +
+Assembly (per target ``<out_dir>/target_XXXX.pt``: scores (N x steps, float32, every row), timesteps, top-k
+positive and negative influencers per step chosen among the module's ``rank`` rows (the members by default),
+the member mask and the member fraction of each top-k, the key and a checksum; the Figure-1-like picture, PNG +
 TensorBoard; the index page) runs on rank 0 after the predict loop, and also when the loop had nothing
 to compute (Lightning then skips it, and only ``teardown`` runs): whatever is missing or stale is rebuilt,
-so a run killed during assembly is completed by the next one.
+so a run killed during assembly is completed by the next one. ``member_fraction.json`` / ``.csv`` give, per
+target and step, the fraction of the top-k that are training members (1 by construction with ``rank``
+"members"; with "all" a sanity figure against the base rate, the members' share of N), and their mean.
 """
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -24,12 +29,20 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
-from attribution.atomic import atomic_torch_save
+from attribution.atomic import atomic_torch_save, atomic_write_json, atomic_write_text
 from attribution.errors import CorruptFileError
 from attribution.integrity import require_finite, tensor_checksum
 from callbacks.report import influencer_figure, write_index
 
 PAIR_FORMAT = 2
+TARGET_FORMAT = 2  # 2: top-k among the `rank` rows, the member mask and the member fractions
+RANK_LABELS = {
+    "members": "top-k among the training members (positive: including it lowered f_t)",
+    "all": "top-k among all N rows, members and non-members (a non-member's score is the predicted effect of "
+           "adding it, without the damping 1/(1 + leverage) of an exact add: non-members are favoured)",
+    "nonmembers": "top-k among the non-members: the predicted effect of ADDING each (positive: adding it would "
+                  "lower f_t)",
+}
 
 
 def pair_file(out_dir: Path, target_id: int, t: int) -> Path:
@@ -90,7 +103,9 @@ def load_target_scores(path: str | Path) -> dict:
 def target_key(pl_module: LightningModule, traj) -> str:
     """What an assembled target file is made of: the keys of its pairs, in step order, and ``topk``."""
     keys = [pl_module.pair_keys[(traj.target_id, t)] for _, t in pl_module.selected_steps(traj)]
-    return hashlib.sha256(("|".join(keys) + f"|topk={pl_module.hparams.topk}").encode()).hexdigest()[:32]
+    members = "/".join(mem.hash for mem in pl_module.members)
+    return hashlib.sha256(("|".join(keys) + f"|topk={pl_module.hparams.topk}|rank={pl_module.hparams.rank}"
+                           f"|members={members}|format={TARGET_FORMAT}").encode()).hexdigest()[:32]
 
 
 class ScoreWriter(BasePredictionWriter):
@@ -144,6 +159,7 @@ class ScoreWriter(BasePredictionWriter):
         index = Path(pl_module.out_dir) / "index.html"
         if rebuilt or not index.exists() or not index.with_suffix(".md").exists():
             index = write_index(entries, pl_module.out_dir)
+        write_member_fractions(entries, pl_module)
         rank_zero_info(f"scores of {len(entries)} targets in {pl_module.out_dir} ({rebuilt} assembled now, "
                        f"{len(entries) - rebuilt} already complete); open {index}")
         return [e["picture"] for e in entries]
@@ -173,7 +189,7 @@ class ScoreWriter(BasePredictionWriter):
         atomic_torch_save(result, target_file(pl_module.out_dir, traj.target_id))
         picture = self._picture_path(pl_module, traj)
         if picture is not None:
-            influencer_figure(traj, result, pl_module.data.images, picture, k=min(4, pl_module.hparams.topk),
+            influencer_figure(traj, result, pl_module.data.images, picture, k=min(4, len(result["positive_indices"])),
                               logger=trainer.logger)
         return {"trajectory": traj, "result": result, "picture": picture}
 
@@ -182,11 +198,51 @@ class ScoreWriter(BasePredictionWriter):
         steps = [t for _, t in pl_module.selected_steps(traj)]
         scores = torch.stack([load_pair(pair_file(pl_module.out_dir, traj.target_id, t),
                                         pl_module.pair_keys[(traj.target_id, t)]) for t in steps], dim=1)  # (N, S)
-        k = min(pl_module.hparams.topk, scores.shape[0])
-        pos_v, pos_i = scores.topk(k, dim=0)
-        neg_v, neg_i = scores.topk(k, dim=0, largest=False)
+        ranked, members = pl_module.ranked_rows, pl_module.member_mask  # ranked: None (every row) or (n,) rows
+        pool = scores if ranked is None else scores[ranked]
+        k = min(pl_module.hparams.topk, pool.shape[0])
+        pos_v, pos_i = pool.topk(k, dim=0)
+        neg_v, neg_i = pool.topk(k, dim=0, largest=False)
+        if ranked is not None:
+            pos_i, neg_i = ranked[pos_i], ranked[neg_i]
+        rank = pl_module.hparams.rank
         return {"target_id": traj.target_id, "timesteps": torch.tensor(steps), "scores": scores,
                 "positive_indices": pos_i, "positive_values": pos_v,
                 "negative_indices": neg_i, "negative_values": neg_v,
+                "rank": rank, "rank_label": RANK_LABELS[rank], "members": members.clone(),
+                "members_hashes": [mem.hash for mem in pl_module.members],
+                "member_fraction_positive": members[pos_i].double().mean(0),
+                "member_fraction_negative": members[neg_i].double().mean(0),
+                "member_base_rate": float(members.double().mean()),
                 "settings": dict(pl_module.hparams), "key": target_key(pl_module, traj),
                 "checksum": tensor_checksum(scores)}
+
+
+def write_member_fractions(entries: list[dict], pl_module: LightningModule) -> Path:
+    """``<out_dir>/member_fraction.json`` and ``.csv``: per (target, step) the fraction of the top-k positive and
+    negative influencers that are training members, their means and the base rate; also said in the log."""
+    rows = [{"target": int(e["result"]["target_id"]), "t": int(t), "k": int(e["result"]["positive_indices"].shape[0]),
+             "positive": float(e["result"]["member_fraction_positive"][s]),
+             "negative": float(e["result"]["member_fraction_negative"][s])}
+            for e in entries for s, t in enumerate(e["result"]["timesteps"].tolist())]
+    mean = {sign: sum(r[sign] for r in rows) / max(len(rows), 1) for sign in ("positive", "negative")}
+    steps = sorted({r["t"] for r in rows}, reverse=True)
+    by_step = {str(t): {sign: sum(r[sign] for r in rows if r["t"] == t) / sum(r["t"] == t for r in rows)
+                        for sign in ("positive", "negative")} for t in steps}
+    rank, base = pl_module.hparams.rank, float(pl_module.member_mask.double().mean())
+    out = Path(pl_module.out_dir) / "member_fraction.json"
+    atomic_write_json(out, {"rank": rank, "rank_label": RANK_LABELS[rank], "topk": pl_module.hparams.topk,
+                            "base_rate": base, "members": int(pl_module.member_mask.sum()),
+                            "num_examples": int(pl_module.member_mask.numel()),
+                            "members_hashes": [mem.hash for mem in pl_module.members],
+                            "mean_positive": mean["positive"], "mean_negative": mean["negative"],
+                            "mean_by_step": by_step, "pairs": rows})
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["target", "t", "k", "member_fraction_positive", "member_fraction_negative"])
+    writer.writerows([r["target"], r["t"], r["k"], f"{r['positive']:.6g}", f"{r['negative']:.6g}"] for r in rows)
+    atomic_write_text(out.with_suffix(".csv"), text.getvalue())
+    rank_zero_info(f"score: member fraction of the top-{pl_module.hparams.topk} positive influencers "
+                   f"{mean['positive']:.3f} (negative {mean['negative']:.3f}) over {len(rows)} (target, step) pairs, "
+                   f"base rate {base:.3f} (rank={rank!r}: {RANK_LABELS[rank]}); per pair in {out}")
+    return out

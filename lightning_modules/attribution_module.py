@@ -20,6 +20,14 @@ one pair file per pair. So a batch's stores are read once, whatever the number o
 unit: a pair file (with its key and checksum) exists only for a finished pass, and a killed run recomputes
 only the pairs without one. Nothing needs a hook at the epoch's end, and DDP ranks never share a pass.
 
+Members (``members``, ``rank``): a model fit on a subset mask was influenced only by its members, so each
+checkpoint's kernel is ``K_m = Phi_M^T Phi_M`` over its own training rows (``attribution.members``: by default
+the mask its checkpoint records, hash checked; formed once per store before any pair and saved beside it,
+``attribution.scoring.member_kernel``; the relative lambda uses its trace). Every row keeps its score
+``phi_i^T (K_m + lambda_m I)^-1 g`` (a non-member's: the predicted effect of adding it); the top-k are chosen
+among the members by default (``rank``), and the report gives the member fraction of every top-k. A model
+trained on all N rows uses the store's own kernel: the same scores as before members existed, bit for bit.
+
 Everything is checked before the first pair is computed: every store (complete, finalized, sizes and
 checksums), the checkpoint each store was made from (readable, finite, its stamped checksum, the store's
 weights), the targets (readable, recorded from a model trained on the features' data, the requested
@@ -33,6 +41,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -43,7 +52,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from attribution import FeatureStore, StepOutput, featurize_batch, relative_lambda
 from attribution.ema import resolve_denoiser
-from attribution.scoring import load_spectrum, score_pass, solve_targets
+from attribution.members import RANKS, Members, check_members_setting, recorded_membership, resolve_members
+from attribution.scoring import (KernelEigen, load_member_kernel, load_spectrum, member_kernel, member_kernel_files,
+                                 score_pass, solve_targets)
 from attribution.errors import CheckpointMismatchError, CorruptFileError, SettingsError, TargetsError
 from attribution.integrity import read_checkpoint, require_finite
 from attribution.trajectory import Trajectory, load_targets
@@ -86,8 +97,8 @@ class AttributionModule(LightningModule):
         num_draws: K', noise draws of the step output (20 in the paper).
         draw_seed: seed of those draws (per target and step).
         share_noise: share noise draws with the training side (D-TRAK); match the featurize setting.
-        relative_lam: ridge lambda relative to the mean eigenvalue of each checkpoint's kernel Phi^T Phi
-            (the absolute ridge of checkpoint m is ``relative_lam * trace(Phi_m^T Phi_m) / d``).
+        relative_lam: ridge lambda relative to the mean eigenvalue of each checkpoint's kernel Phi_M^T Phi_M over
+            its members (the absolute ridge of checkpoint m is ``relative_lam * trace(Phi_M^T Phi_M) / d``).
         topk: influencers kept per step and sign.
         steps: only these recorded timesteps (None: every recorded step).
         target_ids: only these targets (None: all).
@@ -101,25 +112,34 @@ class AttributionModule(LightningModule):
             reference).
         module_class: the LightningModule class of the stores' checkpoints (e.g. ``my_package.MyModule``), for
             checkpoints that record none (ours record ``module_class``; LightningCLI records ``_class_path``).
+        members: the training rows of each store's checkpoint, over which its kernel is formed: "auto" (the subset
+            mask the checkpoint records, its hash checked; all N rows when it records none), "all" or None (every
+            row: the kernel over all N) or a subset mask file (checked against the recorded hash, if any).
+        rank: where the top-k are chosen: "members" (among the members only), "all" (every row; a non-member's
+            score lacks the damping 1/(1 + phi^T (K_M + lambda I)^-1 phi) of an exact add, so non-members are
+            favoured, the more as d nears the number of members) or "nonmembers" (only the rows no checkpoint was
+            trained on: the predicted effect of ADDING them). The written score vectors always hold all N rows.
     """
 
     def __init__(self, features: str, targets: str, out_dir: Optional[str] = None, output: str = "loss",
                  num_draws: int = 20, draw_seed: int = 0, share_noise: bool = False, relative_lam: float = 0.1,
                  topk: int = 8, steps: Optional[list[int]] = None, target_ids: Optional[list[int]] = None,
                  patch: Optional[str] = None, pair_batch_size: int = 4, use_ema: Optional[bool] = None,
-                 pairs_per_pass: int = 1024, precision: str = "float32", module_class: Optional[str] = None) -> None:
+                 pairs_per_pass: int = 1024, precision: str = "float32", module_class: Optional[str] = None,
+                 members: Optional[str] = "auto", rank: str = "members") -> None:
         super().__init__()
         check_score_settings(output, num_draws, draw_seed, relative_lam, topk, steps, target_ids, pair_batch_size,
-                             pairs_per_pass, precision)
+                             pairs_per_pass, precision, members, rank)
         self.save_hyperparameters()
         self.out_dir = Path(out_dir) if out_dir else Path(targets).parent / "scores"
         self.stores = open_feature_stores(features)  # every store checked: sizes, complete, checksums
-        for store in self.stores:
-            read_store_checkpoint(store)
+        self.members = [self._store_members(store) for store in self.stores]  # checkpoints read and checked
+        self.member_mask, self.ranked_rows = ranking_rows(self.members, rank)
         self.trajectories = read_targets(targets, target_ids)
         check_targets_data(self.trajectories, self.stores)
         check_steps(self.trajectories, steps)
         self.masks = load_patch(self.hparams.patch, self.trajectories)
+        self._form_member_kernels()
         self.pair_keys = self._pair_keys()
         self.resume_counts: dict[str, int] = {}
         self.resident = ResidentCheckpoint(self._load_resident)
@@ -142,9 +162,35 @@ class AttributionModule(LightningModule):
         for m in range(len(self.stores)):  # every checkpoint checked (weights hash) before any pair, one at a time
             self.resident.get(m)
         self.resident.release()  # setup runs before Lightning picks the device: the pass loads them there
-        self.kernels = [load_spectrum(s) for s in self.stores]  # eigenvalues only: the relative lambda
+        self.kernels = [  # eigenvalues only: the relative lambda (of the members' kernel when it is not all N)
+            load_spectrum(s) if mem.all_rows else load_member_kernel(s, mem.hash, folder, eigenvectors=False)
+            for s, mem, folder in zip(self.stores, self.members, self.kernel_dirs)]
         self.lams = [relative_lambda(k, self.hparams.relative_lam) for k in self.kernels]
         self._loaded = True
+
+    def _store_members(self, store: FeatureStore) -> Members:
+        """The members of the store's checkpoint (``members``), the checkpoint read and checked on the way."""
+        recorded = read_store_checkpoint(store)
+        return resolve_members(self.hparams.members, recorded, store.N,
+                               f"checkpoint {store.meta['checkpoint']['file']} of `features` store {store.path}")
+
+    def _form_member_kernels(self) -> None:
+        """Each store's members' kernel, formed now (before any pair; once: it is saved) unless its members are all
+        N rows (the store's own kernel). Saved in the store's folder, or under ``out_dir`` when that is read-only."""
+        self.kernel_dirs: list[Optional[Path]] = []
+        for store, mem in zip(self.stores, self.members):
+            folder = None if mem.all_rows else member_kernel_dir(store, mem.hash, self.out_dir)
+            self.kernel_dirs.append(folder)
+            if folder is not None:
+                member_kernel(store, mem.indices, mem.hash, folder, eigenvectors=False)
+        described = sorted({f"{len(mem.indices)} of {mem.num_examples} rows: {mem.source}" for mem in self.members})
+        rank_zero_info(f"score: members of the {len(self.stores)} stores (the kernels' rows): {'; '.join(described)}; "
+                       f"top-k ranked among {self.hparams.rank!r}")
+
+    def member_kernel(self, m: int) -> Optional[KernelEigen]:
+        """The members' kernel of checkpoint ``m`` (eigenvectors loaded now), or None: the store's own kernel."""
+        mem = self.members[m]
+        return None if mem.all_rows else load_member_kernel(self.stores[m], mem.hash, self.kernel_dirs[m])
 
     def _load_resident(self, m: int) -> tuple:
         """(task, denoiser on this module's device, projector) of checkpoint ``m``, its weights hash checked."""
@@ -202,7 +248,8 @@ class AttributionModule(LightningModule):
 
     def _pair_keys(self) -> dict[tuple[int, int], str]:
         """{(target id, timestep): key}: a hash of everything that changes the pair's scores."""
-        common = json.dumps({"format": 2, "stores": [s.identity() for s in self.stores],
+        members = {} if all(mem.all_rows for mem in self.members) else {"members": [m.hash for m in self.members]}
+        common = json.dumps({"format": 2, "stores": [s.identity() for s in self.stores], **members,
                              "use_ema": [self._use_ema(s) for s in self.stores],
                              **{k: self.hparams[k] for k in ("output", "num_draws", "draw_seed", "share_noise",
                                                              "relative_lam", "precision")}}, sort_keys=True,
@@ -243,7 +290,7 @@ class AttributionModule(LightningModule):
                                f"{t.tolist()}")
                 grads.append(g)
         dtype = torch.float64 if self.hparams.precision == "float64" else torch.float32
-        return solve_targets(self.stores[m], torch.cat(grads), self.lams[m]).to(dtype)
+        return solve_targets(self.stores[m], torch.cat(grads), self.lams[m], kernel=self.member_kernel(m)).to(dtype)
 
     def target_gradients(self, m: int, x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor,
                          cond: Optional[torch.Tensor]) -> torch.Tensor:
@@ -301,8 +348,12 @@ class _ResidentView:
 
 def check_score_settings(output: str, num_draws: int, draw_seed: int, relative_lam: float, topk: int,
                          steps: Optional[list[int]], target_ids: Optional[list[int]], pair_batch_size: int,
-                         pairs_per_pass: int = 1024, precision: str = "float32") -> None:
+                         pairs_per_pass: int = 1024, precision: str = "float32", members: Optional[str] = "auto",
+                         rank: str = "members") -> None:
     """Refuse settings that cannot give useful scores (before any file is read)."""
+    check_members_setting(members)
+    if rank not in RANKS:
+        raise SettingsError(f"Expected `rank` to be one of {', '.join(map(repr, RANKS))}, but got {rank!r}")
     if output not in ("loss", "square"):
         raise SettingsError(f"Expected `output` to be 'loss' or 'square', but got {output!r}")
     if precision not in ("float32", "float64"):
@@ -323,14 +374,36 @@ def check_score_settings(output: str, num_draws: int, draw_seed: int, relative_l
             raise SettingsError(f"Expected `{name}` without repeats, but got {values}")
 
 
-def read_store_checkpoint(store: FeatureStore) -> None:
-    """The checkpoint a store was made from: present, readable, finite, matching its stamped checksum."""
+def ranking_rows(members: list[Members], rank: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(member mask (N,) bool, ranked rows (n,) int64 or None: every row)``. A row is a member when some
+    checkpoint was trained on it; ``rank`` "members" ranks those, "nonmembers" the others, "all" every row."""
+    mask = torch.stack([mem.mask() for mem in members]).any(dim=0)
+    chosen = {"members": mask, "nonmembers": ~mask, "all": torch.ones_like(mask)}[rank]
+    if not bool(chosen.any()):
+        raise SettingsError(f"Expected `rank`={rank!r} to leave rows to rank, but every one of the {len(mask)} rows is "
+                            f"a member ({'; '.join(sorted({mem.source for mem in members}))}): there are no "
+                            "non-members; use rank='members' or 'all', or give `members`")
+    return mask, None if bool(chosen.all()) else chosen.nonzero().reshape(-1)
+
+
+def member_kernel_dir(store: FeatureStore, members_hash: str, out_dir: Path) -> Path:
+    """Where a store's members' kernel is kept: its own folder (beside ``kernel.json``), unless that folder is
+    read-only and holds none; then ``<out_dir>/member_kernels/<store name>-<path hash>``."""
+    if os.access(store.path, os.W_OK) or (store.path / member_kernel_files(members_hash)[2]).exists():
+        return store.path
+    tag = hashlib.sha256(str(store.path.resolve()).encode()).hexdigest()[:8]
+    return Path(out_dir) / "member_kernels" / f"{store.path.name}-{tag}"
+
+
+def read_store_checkpoint(store: FeatureStore) -> dict:
+    """The checkpoint a store was made from: present, readable, finite, matching its stamped checksum. Returns what
+    it records about its training set (:func:`attribution.members.recorded_membership`)."""
     info = store.meta.get("checkpoint")
     file = info.get("file") if isinstance(info, dict) else None
     if not file:
         raise CorruptFileError(f"Expected feature store {store.path} to record the checkpoint file it was made from, "
                                f"but its meta.json records {info!r}; featurize a saved checkpoint")
-    read_checkpoint(file, what=f"the checkpoint {file} of `features` store {store.path}")
+    return recorded_membership(read_checkpoint(file, what=f"the checkpoint {file} of `features` store {store.path}"))
 
 
 def read_targets(folder: str, target_ids: Optional[list[int]]) -> list[Trajectory]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from diffusers import UNet2DModel
@@ -63,19 +64,21 @@ class FailAfter:
 
 
 def fitted_with_targets(root: Path, proj_dim: int, num_draws: int, num_inference_steps: int,
-                        record_steps: list[int], seeds=(11, 12)):
-    """A tiny model fitted on small data with the featurize callback (2 checkpoints under ``root/fit``) and the
-    recorded targets of ``seeds`` in ``root/targets``; returns ``(root, datamodule)``."""
+                        record_steps: list[int], seeds=(11, 12), subset_mask: Optional[Path] = None):
+    """A tiny model fitted on small data (on ``subset_mask`` when given) with the featurize callback (2 checkpoints
+    under ``root/fit``) and the recorded targets of ``seeds`` in ``root/targets``; returns ``(root, datamodule)``
+    (the datamodule of all N examples: what scoring is given)."""
     from lightning.pytorch import seed_everything
 
     from attribution.trajectory import from_samples, save_targets
     from callbacks import TrakFeaturizeCallback
 
     dm = small_data(root)
+    fit_data = dm if subset_mask is None else small_data(root, subset_mask=str(subset_mask))
     seed_everything(0)
     module = tiny_module()
     callback = TrakFeaturizeCallback(proj_dim=proj_dim, num_draws=num_draws, batch_size=64)
-    fit_trainer(root / "fit", [callback]).fit(module, datamodule=dm)
+    fit_trainer(root / "fit", [callback]).fit(module, datamodule=fit_data)
     module.eval()
     result = module.sample(list(seeds), num_inference_steps=num_inference_steps, record=True, record_steps=record_steps)
     save_targets(from_samples(result), root / "targets")

@@ -3,7 +3,12 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from attribution import FeatureStore, dense_scores_float64, finalize, lambda_sweep, score, topk_scores
+import attribution.scoring as scoring
+from attribution import FeatureStore, dense_scores_float64, finalize, lambda_sweep, relative_lambda, score, topk_scores
+from attribution.errors import CorruptFileError
+from attribution.masks import mask_hash
+from attribution.scoring import (load_kernel, load_member_kernel, member_kernel, member_kernel_files, score_pass,
+                                 solve_targets)
 
 
 F64 = torch.float64
@@ -163,3 +168,84 @@ def test_one_lambda_per_store_equals_separate_dense_solves(tmp_path):
     assert torch.allclose(got, ref, rtol=1e-6, atol=1e-9)
     with pytest.raises(ValueError, match="one per store"):
         next(iter_score_blocks(stores, Gs, [0.1]))
+
+
+# --------------------------------------------------------------------------- the members' kernel
+EPS64 = torch.finfo(F64).eps
+
+
+def _members_problem(tmp_path, name="members", Phi=None):
+    """A store of 300 rows (d = 12) and 140 members; returns ``(store, Phi float64 as stored, members, G)``."""
+    g = torch.Generator().manual_seed(5)
+    members = torch.randperm(300, generator=g)[:140].sort().values
+    G = torch.randn(4, 12, generator=g, dtype=F64)
+    Phi = torch.randn(300, 12, generator=g) if Phi is None else Phi
+    store = _store(tmp_path / name, Phi)
+    return store, store.read(dtype=F64), members, G
+
+
+def _members_scores(store, members, G, relative_lam=0.1):
+    h = mask_hash(members.numpy(), store.N)
+    kernel = member_kernel(store, members, h, block_rows=37)
+    lam = relative_lambda(kernel, relative_lam)
+    return score_pass([store], [solve_targets(store, G, lam, kernel=kernel)], precision="float64",
+                      dense=F64).dense, lam, h
+
+
+def _members_bound(Phi, members, G, lam):
+    """Dense float64 LU reference over the members' kernel, and the eigen-solve's rounding bound against it."""
+    K_M, d = Phi[members].T @ Phi[members], Phi.shape[1]
+    V = torch.linalg.solve(K_M + lam * torch.eye(d, dtype=F64), G.T)
+    s = torch.linalg.eigvalsh(K_M)
+    kappa = float((s.max() + lam) / (s.min() + lam))
+    return Phi @ V, (EPS64 * (d + 3) + EPS64 * kappa * d ** 2) * (Phi.abs() @ V.abs()), K_M
+
+
+def test_members_kernel_scores_equal_the_dense_float64_reference(tmp_path, monkeypatch):
+    store, Phi, members, G = _members_problem(tmp_path)
+    own = load_kernel(store)
+    got, lam, h = _members_scores(store, members, G)
+    ref, bound, K_M = _members_bound(Phi, members, G, lam)
+    assert lam == pytest.approx(0.1 * float(K_M.trace()) / 12, rel=12 ** 2 * EPS64)  # the members' trace / d
+    assert bool(((got - ref).abs() <= bound).all())  # every row: phi_i^T (K_M + lam I)^-1 g
+    assert not torch.allclose(got, dense_scores_float64(Phi, G, lam), rtol=0.05)  # not the all-rows kernel
+    values, vectors, record = member_kernel_files(h)
+    assert all((store.path / f).is_file() for f in (values, vectors, record))
+    assert torch.equal(load_kernel(store).eigenvectors, own.eigenvectors)  # the all-rows kernel is untouched
+    monkeypatch.setattr(scoring, "finalize_members", lambda *a, **k: pytest.fail("formed again"))
+    assert torch.equal(member_kernel(store, members, h).eigenvalues, member_kernel(store, members, h).eigenvalues)
+
+
+def test_members_kernel_of_other_features_is_formed_again_and_a_corrupt_one_refused(tmp_path):
+    store, Phi, members, G = _members_problem(tmp_path)
+    _, lam, h = _members_scores(store, members, G)
+    values, _, record = member_kernel_files(h)
+    store.write(members[:1], torch.zeros(1, 12))  # the features change, the store is finalized again
+    finalize(store)
+    with pytest.raises(FileNotFoundError, match="current features"):
+        load_member_kernel(store, h)  # a kernel of other features is never read
+    got, lam, _ = _members_scores(store, members, G)  # ... but formed again
+    ref, bound, _ = _members_bound(store.read(dtype=F64), members, G, lam)
+    assert bool(((got - ref).abs() <= bound).all())
+    data = bytearray((store.path / values).read_bytes())
+    data[-1] ^= 0x01
+    (store.path / values).write_bytes(bytes(data))
+    with pytest.raises(CorruptFileError, match=values):
+        member_kernel(store, members, h)
+    with pytest.raises(CorruptFileError, match=record):  # a record of other rows under this name
+        member_kernel(store, members[1:], h)
+
+
+def test_non_member_features_do_not_change_the_members_scores(tmp_path):
+    store, Phi, members, G = _members_problem(tmp_path, "a")
+    others = torch.ones(300, dtype=torch.bool)
+    others[members] = False
+    changed = Phi.float().clone()
+    changed[others] = 3 * torch.randn(int(others.sum()), 12, generator=torch.Generator().manual_seed(9))
+    second, Phi2, _, _ = _members_problem(tmp_path, "b", Phi=changed)
+    a, lam_a, _ = _members_scores(store, members, G)
+    b, lam_b, _ = _members_scores(second, members, G)
+    assert lam_a == lam_b  # the same member rows: the same kernel, summed in the same order
+    _, bound, _ = _members_bound(Phi, members, G, lam_a)
+    assert bool(((a[members] - b[members]).abs() <= bound[members]).all())
+    assert not torch.allclose(a[others], b[others], rtol=0.05)  # the non-members' own scores do move

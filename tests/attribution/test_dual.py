@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from attribution import FeatureStore
-from attribution.dual import finalize_gram, gram_scores, load_gram
+from attribution.dual import finalize_gram, gram_scores, gram_scores_sweep, load_gram
 from attribution.scoring import dense_scores_float64
 
 F64 = torch.float64
@@ -81,3 +81,40 @@ def test_bad_members_are_refused(tmp_path):
             finalize_gram(store, members=bad)
     with pytest.raises(ValueError, match="relative_lam"):
         finalize_gram(store).ridge(0.0)
+
+
+def test_sweep_equals_one_ridge_at_a_time(tmp_path):
+    N, d = 25, 90
+    g = torch.Generator().manual_seed(3)
+    stores = [_store(tmp_path / f"m{m}", torch.randn(N, d, generator=g)) for m in range(2)]
+    Gs = [torch.randn(4, d, generator=g) for _ in stores]
+    for store in stores:
+        finalize_gram(store)
+    lams = [1e-3, 0.1, 10.0]
+    swept = gram_scores_sweep(stores, Gs, lams)
+    assert swept.shape == (3, N, 4)
+    for i, lam in enumerate(lams):
+        torch.testing.assert_close(swept[i], gram_scores(stores, Gs, lam), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="relative_lams"):
+        gram_scores_sweep(stores, Gs, [])
+
+
+def test_a_store_too_wide_for_the_primal_kernel_gets_the_gram_kernel(tmp_path, monkeypatch):
+    """finalize of an unprojected store forms K = Phi Phi^T (N x N), never d x d; primal scoring refuses it."""
+    import attribution.scoring as scoring
+    from attribution.errors import SettingsError
+
+    monkeypatch.setattr(scoring, "PRIMAL_MAX_DIM", 64)
+    N, d = 12, 100
+    Phi = torch.randn(N, d, generator=torch.Generator().manual_seed(4))
+    store = _store(tmp_path / "wide", Phi)
+    kernel = scoring.finalize(store)
+    assert store.is_finalized and not (store.path / "kernel_eigenvectors.npy").exists()
+    read = store.read(0, N, F64)
+    torch.testing.assert_close(kernel.gram, read @ read.T, rtol=1e-12, atol=0)
+    store.verify()                                        # the Gram files' checksums are recorded
+    for load in (scoring.load_kernel, scoring.load_spectrum):
+        with pytest.raises(SettingsError, match="unprojected features .* dual@"):
+            load(store)
+    torch.testing.assert_close(gram_scores([store], [Phi[:2]], 0.1), gram_scores([store], [Phi[:2]], 0.1,
+                                                                                  kernels=[load_gram(store)]))

@@ -2,6 +2,8 @@
 only through their region, scoring resumes, pictures and index are written."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -73,7 +75,14 @@ def reference_scores(root, target, step_index, mask=None):
 
 def test_module_scores_equal_the_core_api_and_pictures_are_written(run):
     root, _ = run
-    predict(run, "scores")
+    module = predict(run, "scores")
+    # a model trained on all N rows: members "auto" are every row, the store's own kernel, the keys of "all"
+    assert all(mem.all_rows for mem in module.members) and module.ranked_rows is None
+    assert not list((root / "fit" / "features").rglob("kernel_members_*"))
+    assert module.pair_keys == AttributionModule(features=str(root / "fit" / "features"), targets=str(root / "targets"),
+                                                 members="all", **SCORE).pair_keys
+    report = json.loads((root / "scores" / "member_fraction.json").read_text())
+    assert report["base_rate"] == 1.0 and report["mean_positive"] == 1.0 and len(report["pairs"]) == 6
     for target in (0, 1):
         result = scores_of(root, "scores", target)
         assert result["scores"].shape == (120, 3) and result["timesteps"].tolist() == [950, 500, 0]

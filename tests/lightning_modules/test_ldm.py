@@ -9,7 +9,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from lightning.pytorch import Trainer, seed_everything
 
-from attribution import FeatureStore, StepOutput, dense_scores_float64, featurize_batch, load_kernel, x0_hat
+from attribution import FeatureStore, StepOutput, featurize_batch, x0_hat
 from attribution.trajectory import load_targets, save_targets
 from callbacks import TrakFeaturizeCallback
 from attribution.featurize import FeaturizeSettings, projector_from_meta
@@ -183,6 +183,7 @@ def test_scores_equal_the_core_api_with_the_prompt_and_pictures_are_written(chai
     result = torch.load(root / "scores" / "target_0000.pt", weights_only=False)
     assert result["scores"].shape == (60, 3)
     traj = load_targets(root / "targets", [0])[0]
+    members = torch.from_numpy(np.load(root / "mask.npy"))
     per_store = []
     for store in open_feature_stores(str(root / "fit" / "features")):
         ldm = load_diffusion_module(store.meta["checkpoint"]["file"])
@@ -192,10 +193,15 @@ def test_scores_equal_the_core_api_with_the_prompt_and_pictures_are_written(chai
             estimate = x0_hat(x_t, task.predict_noise(net, x_t, t, cond), t, task.alphas_cumprod)
         g = featurize_batch(task, net, StepOutput(3, 0), projector_from_meta(store.meta["projector"], net), estimate,
                             torch.tensor([0]), cond=cond, steps=t)
-        lam = 0.5 * float(load_kernel(store).eigenvalues.mean())
-        per_store.append(dense_scores_float64(store.read(dtype=torch.float64), g.double(), lam)[:, 0])
+        # the model was fit on the mask: the kernel (and its relative lambda) of the member rows only
+        Phi = store.read(dtype=torch.float64)
+        K_M = Phi[members].T @ Phi[members]
+        lam = 0.5 * float(K_M.trace()) / Phi.shape[1]
+        per_store.append((Phi @ torch.linalg.solve(K_M + lam * torch.eye(Phi.shape[1], dtype=torch.float64),
+                                                   g.double().T))[:, 0])
     ref = torch.stack(per_store).mean(0)
     assert torch.allclose(result["scores"][:, 1].double(), ref, rtol=1e-3, atol=1e-4 * float(ref.abs().max()))
+    assert torch.equal(result["members"], members) and bool(members[result["positive_indices"]].all())
     assert (root / "scores" / "target_0000.png").stat().st_size > 5000
     assert "a handwritten digit seven" in (root / "scores" / "index.html").read_text()
 

@@ -9,6 +9,7 @@ once and a killed run resumes with only the missing rows.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from attribution.outputs import TIMESTEP_SAMPLING, ModelOutput
 from attribution.projectors import Projector
 from attribution.gradients import parameter_order
 from attribution.identity import weights_hash
+from attribution.atomic import atomic_write_json
+from attribution.errors import CorruptFileError
 from attribution.integrity import require_finite
 from attribution.protocol import AttributableDiffusion
 from attribution.ema import ResolvedDenoiser, check_use_ema, resolve_denoiser
@@ -33,7 +36,7 @@ from attribution.ema import ResolvedDenoiser, check_use_ema, resolve_denoiser
 log = logging.getLogger(__name__)
 
 
-PROJECTORS = ("sparse", "sparse_hash", "layerwise", "gaussian", "rademacher")
+PROJECTORS = ("sparse", "sparse_hash", "layerwise", "gaussian", "rademacher", "identity")
 
 
 @dataclass
@@ -44,7 +47,9 @@ class FeaturizeSettings:
         proj_dim: d, the projected feature dimension.
         projector: "sparse" (sparse JL), "sparse_hash" (blocked sparse JL with hashed indices),
             "layerwise" (per-layer Kronecker factors from hooks: no per-example gradient is ever formed,
-            the fastest on large models), "gaussian" or "rademacher" (dense reference).
+            the fastest on large models), "gaussian" or "rademacher" (dense reference), "identity" (no
+            projection: the whole gradient is stored, ``d = p`` whatever ``proj_dim``; for the exact
+            estimator of :mod:`attribution.dual` on data sets of the benchmark's size: N x p values per store).
         proj_seed: experiment seed of the projections; checkpoint m uses checkpoint_seed(proj_seed, id_m).
         num_draws: K, (timestep, noise) draws per example averaged in the training loss.
         draw_seed: seed of the draws; draws for example i depend only on (i, draw_seed).
@@ -110,7 +115,7 @@ def make_settings_projector(kind: str, model: torch.nn.Module, d: int, seed: int
     p = num_parameters(model, param_names)
     if kind == "sparse_hash":
         return HashedSparseProjector(p, d, seed)
-    return make_projector(kind, p, d, seed)
+    return make_projector(kind, p, p if kind == "identity" else d, seed)
 
 
 def projector_from_meta(description: dict, model: Optional[torch.nn.Module] = None) -> Projector:
@@ -199,6 +204,8 @@ class CheckpointFeaturizer:
             done = self._featurize_rows(module, denoiser.model, projector, writer, rows_loader(mine), len(mine),
                                         device, progress and rank == 0)
         seconds = time.perf_counter() - start
+        if rank == 0 and done:
+            record_cost(store, done, seconds)
         barrier()
         merged = store.merge_parts() if rank == 0 else 0
         if rank == 0 and store.is_complete and (done or merged or not store.is_finalized):
@@ -225,6 +232,31 @@ class CheckpointFeaturizer:
                 done += len(index)
                 bar.update(len(index))
         return done
+
+
+COST_FILE = "cost.json"
+
+
+def record_cost(store: FeatureStore, rows: int, seconds: float) -> None:
+    """Add ``rows`` featurized in ``seconds`` (by one process) to the store's ``cost.json`` (atomic; a resumed
+    run adds its own rows), which the LDS report turns into seconds per 1000 examples."""
+    previous = read_cost(store) or {"rows": 0, "seconds": 0.0}
+    atomic_write_json(Path(store.path) / COST_FILE, {"rows": int(previous["rows"]) + int(rows),
+                                                     "seconds": float(previous["seconds"]) + float(seconds),
+                                                     "device": str(torch.device("cuda" if torch.cuda.is_available()
+                                                                                else "cpu")),
+                                                     "threads": torch.get_num_threads()})
+
+
+def read_cost(store: FeatureStore) -> Optional[dict]:
+    """The store's recorded featurize cost ``{"rows", "seconds", ...}``, or None when it recorded none."""
+    path = Path(store.path) / COST_FILE
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    if not isinstance(record, dict) or not {"rows", "seconds"} <= set(record):
+        raise CorruptFileError(f"Expected {path} to hold the featurize cost {{rows, seconds}}, but got {record!r}")
+    return record
 
 
 def _checkpoint_name(store: FeatureStore) -> str:

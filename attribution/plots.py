@@ -5,13 +5,19 @@ matplotlib is imported lazily inside each function and drawn with the Agg canvas
 (``matplotlib.figure.Figure`` + ``FigureCanvasAgg``), never through pyplot, so no global backend is
 touched. Every function saves a PNG and returns :class:`Plot`: the path and the same figure as a
 ``(3, H, W)`` uint8 tensor, ready for ``SummaryWriter.add_image``. NaN values are drawn as gaps.
+
+Legible with many series: every figure is laid out by matplotlib's constrained layout at a fixed size
+(``FIGSIZE``), the legend sits outside the axes on the right (more columns when it is long), a long title
+is wrapped until it fits inside the figure, and series i gets a (color, marker, line style) combination of
+its own (:func:`series_style`: 10 colors, then new markers and dashes), so 8-12 methods stay apart.
 """
 from __future__ import annotations
 
 import math
+import textwrap
 from collections import defaultdict
 from pathlib import Path
-from typing import Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Any, Mapping, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -19,36 +25,86 @@ from torch import Tensor
 
 from .atomic import atomic_write
 
-__all__ = ["Plot", "plot_lds_vs_step", "plot_counterfactual_bars", "plot_feature_formation", "plot_lambda_sweep"]
+__all__ = ["Plot", "plot_lds_vs_step", "plot_counterfactual_bars", "plot_feature_formation", "plot_lambda_sweep",
+           "series_style", "FIGSIZE", "DPI"]
 
 PathLike = Union[str, Path]
 Array = Union[Tensor, np.ndarray, Sequence]
 
+FIGSIZE, DPI = (8.0, 4.5), 100           # inches; the PNG and the image are FIGSIZE x DPI pixels
+_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf")                       # matplotlib's tab10
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
+_LINESTYLES = ("-", "--", "-.", ":")
+_HATCHES = ("", "//", "..", "xx", "\\\\", "oo")
+_LEGEND_ROWS = 16                          # legend entries per column before another column is added
+_TITLE_WIDTHS = (60, 48, 36, 24)           # characters per title line, tried in turn until the title fits
+
 
 class Plot(NamedTuple):
-    """A saved figure: ``path`` of the PNG and ``image (3, H, W)`` uint8."""
+    """A saved figure: ``path`` of the PNG, ``image (3, H, W)`` uint8 and the drawn matplotlib ``figure``
+    (its artists' extents can be read with ``figure.canvas.get_renderer()``)."""
 
     path: Path
     image: Tensor
+    figure: Any = None
 
 
-def _figure(figsize=(6.0, 4.0)):
+def series_style(i: int) -> dict:
+    """Line style of series ``i``: a color of tab10, a marker and a line style, distinct for the first 40 series
+    (colors cycle every 10, markers every 12, a new line style every 10)."""
+    return {"color": _COLORS[i % len(_COLORS)], "marker": _MARKERS[i % len(_MARKERS)],
+            "linestyle": _LINESTYLES[(i // len(_COLORS)) % len(_LINESTYLES)]}
+
+
+def _bar_style(i: int) -> dict:
+    """Bar style of series ``i``: a tab10 color, then a hatch pattern of its own for every further 10."""
+    return {"color": _COLORS[i % len(_COLORS)], "hatch": _HATCHES[(i // len(_COLORS)) % len(_HATCHES)],
+            "edgecolor": "white" if i < len(_COLORS) else "black", "linewidth": 0.5}
+
+
+def _figure(figsize=FIGSIZE):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=figsize, dpi=100)
+    fig = Figure(figsize=figsize, dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     return fig, fig.add_subplot(1, 1, 1)
 
 
-def _finish(fig, path: PathLike) -> Plot:
+def _legend(ax, handles: Optional[list] = None) -> None:
+    """The legend of ``handles`` (default: every labelled artist) outside the axes, to the right (top-aligned);
+    a long one in several columns."""
+    handles = ax.get_legend_handles_labels()[0] if handles is None else handles
+    if handles:
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0,
+                  fontsize="small", ncol=max(1, math.ceil(len(handles) / _LEGEND_ROWS)))
+
+
+def _inside(inner, outer, slack: float = 0.5) -> bool:
+    return (inner.x0 >= outer.x0 - slack and inner.y0 >= outer.y0 - slack and inner.x1 <= outer.x1 + slack
+            and inner.y1 <= outer.y1 + slack)
+
+
+def _set_title(fig, ax, title: str) -> None:
+    """``title`` above ``ax``, wrapped to fewer characters per line until the drawn title lies inside the figure."""
+    for width in _TITLE_WIDTHS:
+        ax.set_title(textwrap.fill(title, width, break_long_words=True))
+        fig.canvas.draw()
+        if _inside(ax.title.get_window_extent(fig.canvas.get_renderer()), fig.bbox):
+            return
+
+
+def _finish(fig, path: PathLike, title: Optional[str] = None) -> Plot:
     path = Path(path)
-    fig.tight_layout()
+    ax = fig.axes[0]
+    if title is not None:
+        _set_title(fig, ax, title)
     atomic_write(path, lambda f: fig.savefig(f, format="png"))
     fig.canvas.draw()
     rgba = np.asarray(fig.canvas.buffer_rgba())
     image = torch.from_numpy(rgba[..., :3].copy()).permute(2, 0, 1).contiguous()
-    return Plot(path, image)
+    return Plot(path, image, fig)
 
 
 def _array(name: str, value: Array, ndim: Sequence[int]) -> np.ndarray:
@@ -88,19 +144,20 @@ def plot_lds_vs_step(table_rows: Sequence[Mapping], path: PathLike, title: str =
         if math.isfinite(c):
             ceiling.setdefault(int(r["step"]), c)
     fig, ax = _figure()
-    for method, pts in by_method.items():
+    handles = []
+    for i, (method, pts) in enumerate(by_method.items()):
         t, m, se = map(np.array, zip(*sorted(pts)))
-        ax.errorbar(t, m, yerr=np.nan_to_num(se), marker="o", capsize=3, label=str(method))
+        handles.append(ax.errorbar(t, m, yerr=np.nan_to_num(se), capsize=3, markersize=5, label=str(method),
+                                   **series_style(i)))
     if ceiling:
         t = sorted(ceiling)
-        ax.plot(t, [ceiling[s] for s in t], "k--", label="seed-noise ceiling")
+        handles += ax.plot(t, [ceiling[s] for s in t], color="k", ls=(0, (6, 3)), lw=1.8, label="seed-noise ceiling")
     ax.axhline(0.0, color="0.7", lw=0.8)
     ax.invert_xaxis()
     ax.set_xlabel("step t (noise decreases to the right)")
     ax.set_ylabel("LDS (Spearman with -f_t), mean ± s.e.")
-    ax.set_title(title)
-    ax.legend(fontsize="small")
-    return _finish(fig, path)
+    _legend(ax, handles)
+    return _finish(fig, path, title)
 
 
 def plot_counterfactual_bars(rows: Sequence[Mapping], path: PathLike, metric: str = "FID",
@@ -122,12 +179,12 @@ def plot_counterfactual_bars(rows: Sequence[Mapping], path: PathLike, metric: st
     for i, method in enumerate(methods):
         vals = np.array([cell.get((method, k), (math.nan, math.nan)) for k in ks])
         ax.bar(x + (i - (len(methods) - 1) / 2) * width, np.nan_to_num(vals[:, 0]), width,
-               yerr=np.nan_to_num(vals[:, 1]), capsize=3, label=method)
+               yerr=np.nan_to_num(vals[:, 1]), capsize=max(1.0, 3.0 * min(1.0, 4 / len(methods))), label=method,
+               **_bar_style(i))
     ax.set_xticks(x, [f"k = {k}" for k in ks])
     ax.set_ylabel(metric)
-    ax.set_title(title or f"{metric} after removing the top-k examples")
-    ax.legend(fontsize="small")
-    return _finish(fig, path)
+    _legend(ax)
+    return _finish(fig, path, title or f"{metric} after removing the top-k examples")
 
 
 def plot_feature_formation(steps: Array, fractions: Array, path: PathLike,
@@ -149,7 +206,8 @@ def plot_feature_formation(steps: Array, fractions: Array, path: PathLike,
     fig, ax = _figure()
     order = np.argsort(t)
     for b, row in enumerate(frac):
-        ax.plot(t[order], row[order], marker=".", alpha=0.6, label=None if labels is None else labels[b])
+        ax.plot(t[order], row[order], alpha=0.7, markersize=4, label=None if labels is None else labels[b],
+                **series_style(b))
     if frac.shape[0] > 1:
         with np.errstate(all="ignore"):
             ax.plot(t[order], np.nanmean(frac, 0)[order], "k-", lw=2.5, label="mean")
@@ -157,10 +215,8 @@ def plot_feature_formation(steps: Array, fractions: Array, path: PathLike,
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("step t (noise decreases to the right)")
     ax.set_ylabel("fraction of completions in the final class")
-    ax.set_title(title)
-    if labels is not None or frac.shape[0] > 1:
-        ax.legend(fontsize="small")
-    return _finish(fig, path)
+    _legend(ax)
+    return _finish(fig, path, title)
 
 
 def plot_lambda_sweep(lambdas: Array, lds_mean: Array, path: PathLike, steps: Optional[Sequence[int]] = None,
@@ -184,7 +240,7 @@ def plot_lambda_sweep(lambdas: Array, lds_mean: Array, path: PathLike, steps: Op
     order = np.argsort(lam)
     for s in range(y.shape[1]):
         label = f"t = {steps[s]}" if steps is not None else (None if y.shape[1] == 1 else f"step {s}")
-        ax.plot(lam[order], y[order, s], marker="o", label=label)
+        ax.plot(lam[order], y[order, s], markersize=5, label=label, **series_style(s))
     positive = lam[lam > 0]
     if (lam <= 0).any():
         ax.set_xscale("symlog", linthresh=float(positive.min()) if positive.size else 1.0)
@@ -196,7 +252,5 @@ def plot_lambda_sweep(lambdas: Array, lds_mean: Array, path: PathLike, steps: Op
     ax.axhline(0.0, color="0.7", lw=0.8)
     ax.set_xlabel("ridge lambda")
     ax.set_ylabel("mean LDS")
-    ax.set_title(title)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize="small")
-    return _finish(fig, path)
+    _legend(ax)
+    return _finish(fig, path, title)

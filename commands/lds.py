@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from attribution.identity import check_checkpoint
 from attribution.masks import write_random_masks
@@ -28,9 +28,9 @@ from attribution.store import open_feature_stores
 from attribution.trajectory import load_targets
 from evaluation import counterfactual as cf
 from evaluation.methods import dataset_classifier, dataset_images, method_scores
-from evaluation.outputs import averaged_outputs, collect_outputs, replicate_block, evaluated_steps
+from evaluation.outputs import averaged_outputs, collect_outputs, evaluate_outputs, evaluated_steps, replicate_block
 from evaluation.plan import LDSPlan
-from evaluation.report import build_report, chosen_scores, masks_matrix, write_report
+from evaluation.report import build_report, chosen_scores, edge_methods, extended_grid, masks_matrix, write_report
 from evaluation.sweep import FitJob, done_record, run_jobs, sweep_jobs
 from lightning_modules.loading import load_diffusion_module
 
@@ -86,11 +86,18 @@ class LDSCommands:
         targets = load_targets(plan.targets, plan.target_ids)
         steps = evaluated_steps(targets, plan.steps)
         start = time.perf_counter()
-        result = collect_outputs(plan, targets, steps, range(mask_start, mask_stop or plan.num_masks))
+        masks = range(mask_start, mask_stop or plan.num_masks)
+        launched = evaluate_outputs(plan, targets, steps, masks)
+        if launched["submitted"]:
+            rank_zero_info(f"lds_outputs: {launched['submitted']} models submitted to SLURM as one job array "
+                           f"({plan.root / 'launcher' / 'outputs'}); rerun lds_outputs once it has finished")
+            return plan.root / "launcher" / "outputs"
+        result = collect_outputs(plan, targets, steps, masks)
         path = plan.root / "outputs" / "actual.pt"
         atomic_torch_save({"replicates": result["replicates"], "steps": steps,
                            "target_ids": [t.target_id for t in targets]}, path)
-        rank_zero_info(f"lds_outputs: {result['computed']} models evaluated, {result['cached']} read from cache in "
+        rank_zero_info(f"lds_outputs: {len(launched['evaluated']) + result['computed']} models evaluated "
+                       f"({plan.launch_with}), {result['cached'] - len(launched['evaluated'])} read from cache in "
                        f"{time.perf_counter() - start:.1f} s -> {path}")
         return path
 
@@ -110,11 +117,32 @@ class LDSCommands:
         images = dataset_images(datamodule)  # streamed: one block of images at a time
         classifier = dataset_classifier(datamodule, plan, out / "cache")
         stores = open_feature_stores(plan.features, "plan.features")
-        scores = {m: method_scores(m, plan, stores, targets, steps, images, classifier, out / "cache", masks)
-                  for m in plan.methods}
-        report = build_report(scores, masks, actual, replicate_block(plan, replicates), steps, plan.relative_lambdas,
-                              plan.split_seed, plan.heldout_fraction, plan.lambda_per_step, plan.seeds_per_mask,
-                              plan.paired_versus)
+        def score(method: str, grid=None):
+            rank_zero_info(f"lds_report: scoring {method}" + ("" if grid is None else f" on the extended grid {grid}"))
+            return method_scores(method, plan, stores, targets, steps, images, classifier, out / "cache", masks,
+                                 datamodule=datamodule, lambdas=grid)
+
+        def reported(scores: dict) -> dict:
+            return build_report(scores, masks, actual, replicate_block(plan, replicates), steps,
+                                plan.relative_lambdas, plan.split_seed, plan.heldout_fraction, plan.lambda_per_step,
+                                plan.seeds_per_mask, plan.paired_versus)
+
+        scores = {m: score(m) for m in plan.methods}
+        report = reported(scores)
+        for _ in range(plan.extend_grid):  # a ridge chosen at the edge of its grid: extend the grid past it
+            edges = edge_methods(report)
+            if not edges:
+                break
+            for method, sides in edges.items():
+                grid = extended_grid(scores[method].lambdas, sides)
+                if hasattr(scores[method], "close"):
+                    scores[method].close()
+                scores[method] = score(method, grid)
+            report = reported(scores)
+        for method, sides in edge_methods(report).items():
+            rank_zero_warn(f"lds_report: {method}'s ridge chosen on held-out targets is still at the {'/'.join(sides)} "
+                           f"edge of its grid {scores[method].lambdas} after {plan.extend_grid} extensions "
+                           f"(flagged lambda_at_grid_edge in lds.csv and comparison.csv; raise plan.extend_grid)")
         write_report(report, steps, out, getattr(self, "logger", None))
         chosen = {m: chosen_scores(scores[m], report["results"][m]) for m in scores}
         atomic_torch_save({"scores": chosen, "steps": steps, "target_ids": [t.target_id for t in targets],
@@ -128,31 +156,61 @@ class LDSCommands:
         """Retrain without each method's top-k, completions (FID, L2), forgetting, seed consistency, feature formation.
 
         Args:
-            plan: the evaluation plan (cf_step, forget_step, cf_ks, cf_methods, cf_delta, num_completions).
+            plan: the evaluation plan (cf_step, forget_step, cf_ks, cf_methods, cf_delta, num_completions,
+                formation_steps, formation_targets).
             max_models: retrain at most this many models now (resumable, like lds_train).
+
+        Each phase shows a progress bar; each measured result is written as it finishes under
+        ``counterfactual/results/`` and a rerun reads the finished ones (the tables are built from them).
         """
         out = plan.root / "counterfactual"
         saved = torch.load(plan.root / "report" / "chosen_scores.pt", weights_only=False)
         targets = load_targets(plan.targets, saved["target_ids"])
         steps, report = saved["steps"], saved["report"].tolist()
+        report_targets = [targets[b] for b in report]
+        formation_targets = report_targets[:plan.formation_targets] if plan.formation_targets is not None \
+            else report_targets
+        formation_steps = plan.formation_steps or steps
+        cf.check_formation_steps(formation_targets, formation_steps)  # before any work
         removal = cf.removal_jobs(plan, saved["scores"], targets, steps, report, datamodule.num_examples)
         consistency = cf.consistency_jobs(plan)
-        run_jobs(removal + consistency, plan, max_models)
-        if plan.launch_with == "slurm" and not all(job.done for job in removal + consistency):
+        jobs = removal + consistency
+        rank_zero_info(f"counterfactual: retraining {len(jobs)} models ({len(removal)} removals, {len(consistency)} "
+                       f"with other seeds; {sum(job.done for job in jobs)} finished) through `plan.launcher` = "
+                       f"{plan.launch_with}")
+        trained = cf.retrain(jobs, plan, max_models)
+        rank_zero_info(f"counterfactual: trained {len(trained)} models now; {sum(job.done for job in jobs)} of "
+                       f"{len(jobs)} finished")
+        if plan.launch_with == "slurm" and not all(job.done for job in jobs):
             rank_zero_info(f"counterfactual: retraining submitted to SLURM ({plan.root / 'launcher'}); rerun "
                            f"`counterfactual` once the array has finished to measure the models")
             return out
         original = load_diffusion_module(targets[0].info["checkpoint"])
         classifier = dataset_classifier(datamodule, plan, plan.root / "report" / "cache")
         n_steps = targets[0].info.get("num_inference_steps")
-        rows = cf.measure_removals(plan, removal, targets, original, classifier, n_steps)
-        summary = cf.summarize(rows)
-        consistency_rows = cf.seed_consistency(plan, consistency, targets, original, n_steps)
-        formation_steps = plan.formation_steps or steps
-        report_targets = [targets[b] for b in report]
-        formation = cf.feature_formation(plan, report_targets, formation_steps, original, classifier, n_steps)
-        cf.write_counterfactual(out, rows, summary, consistency_rows, formation, formation_steps, report_targets)
-        rank_zero_info(f"counterfactual: {len(rows)} retrained models measured -> {out}")
+        results = cf.ResultCache(out / "results")
+
+        def phase(name: str, measure):
+            start = time.perf_counter()
+            value = measure()
+            reused, computed = results.counts.get(name, [0, 0])
+            rank_zero_info(f"counterfactual: {name}: {computed} measured, {reused} reused in "
+                           f"{time.perf_counter() - start:.1f} s")
+            return value
+
+        rows = phase("removal", lambda: cf.measure_removals(plan, removal, targets, original, classifier, n_steps,
+                                                            results))
+        consistency_rows = phase("consistency", lambda: cf.seed_consistency(plan, consistency, targets, original,
+                                                                            n_steps, results))
+        rank_zero_info(f"counterfactual: feature formation over {len(formation_targets)} targets x "
+                       f"{len(formation_steps)} steps x {plan.num_completions} completions (plan.formation_targets, "
+                       f"plan.formation_steps, plan.num_completions)")
+        formation = phase("formation", lambda: cf.feature_formation(plan, formation_targets, formation_steps,
+                                                                    original, classifier, n_steps, results))
+        cf.write_counterfactual(out, rows, cf.summarize(rows), consistency_rows, formation, formation_steps,
+                                formation_targets)
+        rank_zero_info(f"counterfactual: {results.reused} of {results.total} results reused; {len(rows)} retrained "
+                       f"models measured -> {out}")
         return out
 
 

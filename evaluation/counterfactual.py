@@ -20,25 +20,36 @@ scheduler's parameterization, so a v-prediction model steps right) and condition
 sampled (their token states, the recorded guidance scale, the module's empty caption as the unconditional
 states). For a latent model, completions and regenerations are decoded (``module.decode``) before the
 classifier, FID and L2 see them.
+
+Progress and resuming: every long phase shows a progress bar (retrained models, removal models, seed
+consistency, feature formation). With a :class:`~evaluation.results.ResultCache` each result (one removal
+model's row, one consistency model's row, one (target, step) of feature formation, and the reference completions
+of a target) is written as it finishes, keyed by everything it depends on (model folder and training record,
+target and step, k, method, num_completions, cf_delta, seeds, sampler steps, the original model's and the
+classifier's weights); a rerun reads the finished ones instead of measuring them again.
 """
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from attribution import class_fraction, classifier_features, fid_from_features
 from attribution.atomic import atomic_save_npy
 from attribution.ema import resolve_denoiser
+from attribution.identity import tensors_hash
 from attribution.lds import nan_mean_se, write_table
 from attribution.plots import plot_counterfactual_bars, plot_feature_formation
 from attribution.sampling import ddpm_sample
 from attribution.trajectory import Trajectory
 from evaluation.plan import LDSPlan
-from evaluation.sweep import FitJob, done_record
+from evaluation.results import ResultCache
+from evaluation.sweep import FitJob, done_record, run_jobs
 from lightning_modules.loading import load_diffusion_module
 
 COMPLETION_SEED = 1_000_000
@@ -158,39 +169,119 @@ def consistency_jobs(plan: LDSPlan) -> list[FitJob]:
                    {"consistency": c}) for c in range(plan.consistency_seeds)]
 
 
+# ----------------------------------------------------------------------------- result keys
+def _file_stamp(path) -> dict:
+    """A file's identity without reading it: resolved path, size and modification time."""
+    path = Path(path)
+    stat = path.stat()
+    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def model_key(job: FitJob, record: dict) -> dict:
+    """A retrained model: its folder, its training record (``done.json``) and its checkpoint file."""
+    return {"folder": str(Path(job.folder).resolve()), "done": record, "checkpoint": _file_stamp(record["checkpoint"])}
+
+
+def target_key(traj: Trajectory, t: Optional[int] = None) -> dict:
+    """A target: id, seed, guidance and the hash of what a result reads of it (x_t at ``t``, final, conditioning)."""
+    tensors = [("final", traj.pictures()[1]), ("final_sample", traj.final)]
+    if t is not None:
+        tensors.append(("x_t", traj.x_t[traj.position(t)]))
+    if traj.cond is not None:
+        tensors.append(("cond", traj.cond))
+    return {"target_id": int(traj.target_id), "seed": int(traj.seed), "step": t,
+            "guidance_scale": float(traj.info.get("guidance_scale", 1.0)), "tensors": tensors_hash(tensors)}
+
+
+def measurement_key(plan: LDSPlan, original, classifier, num_inference_steps: Optional[int]) -> dict:
+    """What every measurement shares: the original model's and the classifier's weights, the sampler settings, the
+    completions (count and seeds)."""
+    return {"original": tensors_hash(original.state_dict().items()),
+            "classifier": None if classifier is None else tensors_hash(classifier.state_dict().items()),
+            "num_inference_steps": num_inference_steps, "use_ema": plan.use_ema,
+            "num_completions": plan.num_completions, "completion_seeds": [COMPLETION_SEED, plan.num_completions]}
+
+
+def _bar(items, desc: str, unit: str, progress: bool):
+    return tqdm(items, desc=f"counterfactual: {desc}", unit=unit, disable=not progress, dynamic_ncols=True)
+
+
+# ----------------------------------------------------------------------------- retraining with progress
+def retrain(jobs: Sequence[FitJob], plan: LDSPlan, max_models: Optional[int] = None, train=None,
+            progress: bool = True, poll_s: float = 2.0) -> list[dict]:
+    """:func:`evaluation.sweep.run_jobs` with a progress bar of the finished jobs (``done.json`` markers, polled
+    every ``poll_s`` seconds: the same bar for in-process fits and for local workers)."""
+    def finished() -> int:
+        return sum(job.done for job in jobs)
+
+    with tqdm(total=len(jobs), initial=finished(), desc="counterfactual: retrained models", unit="model",
+              disable=not progress, dynamic_ncols=True) as bar:
+        stop = threading.Event()
+
+        def poll() -> None:
+            while not stop.wait(poll_s):
+                bar.update(finished() - bar.n)
+
+        watcher = threading.Thread(target=poll, daemon=True)
+        watcher.start()
+        try:
+            return run_jobs(jobs, plan, max_models, train)
+        finally:
+            stop.set()
+            watcher.join()
+            bar.update(finished() - bar.n)
+
+
 # ----------------------------------------------------------------------------- measurements
 def measure_removals(plan: LDSPlan, jobs: Sequence[FitJob], targets: Sequence[Trajectory], original, classifier,
-                     num_inference_steps: Optional[int]) -> list[dict]:
-    """Per job: FID and mean L2 of completions (at cf_step) and/or forgetting L2 (at forget_step)."""
-    scheduler = original.noise_scheduler
-    reference = {}
+                     num_inference_steps: Optional[int], results: Optional[ResultCache] = None,
+                     progress: bool = True) -> list[dict]:
+    """Per finished job: FID and mean L2 of completions (at cf_step) and/or forgetting L2 (at forget_step).
+
+    Args:
+        results: finished results (one file per job, keyed by :func:`model_key`, :func:`target_key`, step, k,
+            method and the settings): read instead of measured; each new one is written as it finishes.
+            None: nothing is stored.
+        progress: a progress bar over the jobs.
+    """
+    results = ResultCache(None) if results is None else results
+    shared = measurement_key(plan, original, classifier, num_inference_steps)
+    finished = [(job, record) for job in jobs if (record := done_record(job.folder)) is not None]
     rows = []
-    for job in jobs:
-        info, record = job.info, done_record(job.folder)
-        if record is None:
-            continue
+    for job, record in _bar(finished, "removal models", "model", progress):
+        info = job.info
         traj, t = targets[info["target_index"]], info["step"]
-        other = load_diffusion_module(record["checkpoint"])
-        _check_same_kind(original, other, job.name)
-        orig, retrained = (target_noise_fn(m, plan.use_ema, [traj]) for m in (original, other))
-        row = {"method": info["method"], "k": info["k"], "step": t, "target_id": info["target_id"]}
-        if t == plan.cf_step:
-            x_t = traj.x_t[traj.position(t)]
-            key = (traj.target_id, t)
-            if key not in reference:
-                reference[key] = pictures(original, completions(orig, scheduler, x_t, t, plan.num_completions,
-                                                                num_inference_steps))
-            mixed = pictures(original, completions(switching_denoiser(orig, retrained, t, plan.cf_delta), scheduler,
-                                                   x_t, t, plan.num_completions, num_inference_steps))
-            row["fid"] = fid_from_features(classifier_features(classifier, mixed),
-                                           classifier_features(classifier, reference[key]))
-            row["completion_l2"] = float(l2(mixed, reference[key]).mean())
-        if t == plan.forget_step:
-            regen = pictures(other, regenerate(retrained, scheduler, traj.final.shape, [traj.seed],
-                                               num_inference_steps))
-            row["forgetting_l2"] = float(l2(regen, traj.pictures()[1].unsqueeze(0))[0])
-        rows.append(row)
+        key = {**shared, "model": model_key(job, record), "target": target_key(traj, t), "step": t, "k": info["k"],
+               "method": info["method"], "cf_delta": plan.cf_delta, "completions": t == plan.cf_step,
+               "forgetting": t == plan.forget_step}
+        rows.append(results.row("removal", job.name, key, lambda: _measure_removal(
+            plan, job, record, traj, t, original, classifier, num_inference_steps, results, shared)))
     return rows
+
+
+def _measure_removal(plan: LDSPlan, job: FitJob, record: dict, traj: Trajectory, t: int, original, classifier,
+                     num_inference_steps: Optional[int], results: ResultCache, shared: dict) -> dict:
+    scheduler = original.noise_scheduler
+    other = load_diffusion_module(record["checkpoint"])
+    _check_same_kind(original, other, job.name)
+    orig, retrained = (target_noise_fn(m, plan.use_ema, [traj]) for m in (original, other))
+    info = job.info
+    row = {"method": info["method"], "k": info["k"], "step": t, "target_id": info["target_id"]}
+    if t == plan.cf_step:
+        x_t = traj.x_t[traj.position(t)]
+        reference = results.tensor(  # the original model's completions: shared by every model of this target
+            "reference", f"t{t:04d}_target{traj.target_id:04d}",
+            {**shared, "classifier": None, "target": target_key(traj, t)},
+            lambda: pictures(original, completions(orig, scheduler, x_t, t, plan.num_completions, num_inference_steps)))
+        mixed = pictures(original, completions(switching_denoiser(orig, retrained, t, plan.cf_delta), scheduler,
+                                               x_t, t, plan.num_completions, num_inference_steps))
+        row["fid"] = fid_from_features(classifier_features(classifier, mixed),
+                                       classifier_features(classifier, reference))
+        row["completion_l2"] = float(l2(mixed, reference).mean())
+    if t == plan.forget_step:
+        regen = pictures(other, regenerate(retrained, scheduler, traj.final.shape, [traj.seed], num_inference_steps))
+        row["forgetting_l2"] = float(l2(regen, traj.pictures()[1].unsqueeze(0))[0])
+    return row
 
 
 def summarize(rows: Sequence[dict], metrics=("fid", "completion_l2", "forgetting_l2")) -> list[dict]:
@@ -209,41 +300,72 @@ def summarize(rows: Sequence[dict], metrics=("fid", "completion_l2", "forgetting
 
 
 def seed_consistency(plan: LDSPlan, jobs: Sequence[FitJob], targets: Sequence[Trajectory], original,
-                     num_inference_steps: Optional[int]) -> list[dict]:
-    """L2 between a target regenerated by an independently trained model and the original sample."""
+                     num_inference_steps: Optional[int], results: Optional[ResultCache] = None,
+                     progress: bool = True) -> list[dict]:
+    """L2 between a target regenerated by an independently trained model and the original sample (one row, and
+    with ``results`` one file, per finished model)."""
+    results = ResultCache(None) if results is None else results
     finals = torch.stack([t.pictures()[1] for t in targets])
     shape = targets[0].final.shape
     seeds = [t.seed for t in targets]
     unrelated = torch.cdist(finals.flatten(1), finals.flatten(1))
     off = unrelated[~torch.eye(len(targets), dtype=torch.bool)]
-    rows = []
-    for job in jobs:
-        record = done_record(job.folder)
-        if record is None:
-            continue
+    shared = {**measurement_key(plan, original, None, num_inference_steps), "num_completions": None,
+              "completion_seeds": None, "targets": [target_key(t) for t in targets]}
+
+    def measure(job: FitJob, record: dict) -> dict:
         module = load_diffusion_module(record["checkpoint"])
         _check_same_kind(original, module, job.name)
         regen = pictures(module, regenerate(target_noise_fn(module, plan.use_ema, targets), original.noise_scheduler,
                                             shape, seeds, num_inference_steps))
         mean, se, n = nan_mean_se(l2(regen, finals))
-        rows.append({"model": job.name, "l2_same_seed_mean": float(mean), "l2_same_seed_se": float(se),
-                     "l2_unrelated_mean": float(off.mean()) if off.numel() else math.nan, "n_targets": int(n)})
-    return rows
+        return {"model": job.name, "l2_same_seed_mean": float(mean), "l2_same_seed_se": float(se),
+                "l2_unrelated_mean": float(off.mean()) if off.numel() else math.nan, "n_targets": int(n)}
+
+    finished = [(job, record) for job in jobs if (record := done_record(job.folder)) is not None]
+    return [results.row("consistency", job.name, {**shared, "model": model_key(job, record)},
+                        lambda: measure(job, record))
+            for job, record in _bar(finished, "seed consistency", "model", progress)]
+
+
+def check_formation_steps(targets: Sequence[Trajectory], steps: Sequence[int]) -> None:
+    """Refuse feature-formation steps a target did not record, before any work."""
+    for traj in targets:
+        missing = [int(t) for t in steps if not bool((traj.timesteps == int(t)).any())]
+        if missing:
+            raise ValueError(f"Expected `plan.formation_steps` among the steps target {traj.target_id} recorded "
+                             f"({traj.timesteps.tolist()}), but got {missing}")
 
 
 def feature_formation(plan: LDSPlan, targets: Sequence[Trajectory], steps: Sequence[int], original, classifier,
-                      num_inference_steps: Optional[int]) -> torch.Tensor:
-    """``(B, S)`` fraction of completions from x_t (original model) in the class of the target's final image."""
+                      num_inference_steps: Optional[int], results: Optional[ResultCache] = None,
+                      progress: bool = True) -> torch.Tensor:
+    """``(B, S)`` fraction of completions from x_t (original model) in the class of the target's final image.
+
+    The pass samples ``B x S x plan.num_completions`` completions (B: ``targets``, S: ``steps``); each (target,
+    step) is one result (with ``results``: one file, read instead of sampled on a rerun)."""
+    results = ResultCache(None) if results is None else results
+    check_formation_steps(targets, steps)
+    out = torch.full((len(targets), len(steps)), math.nan)
+    if not targets or not len(steps):  # plan.formation_targets = 0: no pass
+        return out
+    shared = measurement_key(plan, original, classifier, num_inference_steps)
     with torch.no_grad():
         final_class = classifier(torch.stack([t.pictures()[1] for t in targets])).argmax(1).tolist()
-    out = torch.full((len(targets), len(steps)), math.nan)
-    for s, t in enumerate(steps):
-        for b, traj in enumerate(targets):
-            x_t = traj.x_t[traj.position(t)]
-            orig = target_noise_fn(original, plan.use_ema, [traj])
-            images = pictures(original, completions(orig, original.noise_scheduler, x_t, t, plan.num_completions,
-                                                    num_inference_steps))
-            out[b, s] = class_fraction(classifier, images, int(final_class[b]))
+
+    def measure(traj: Trajectory, t: int, b: int) -> dict:
+        orig = target_noise_fn(original, plan.use_ema, [traj])
+        images = pictures(original, completions(orig, original.noise_scheduler, traj.x_t[traj.position(t)], t,
+                                                plan.num_completions, num_inference_steps))
+        return {"target_id": int(traj.target_id), "step": int(t),
+                "fraction_in_final_class": float(class_fraction(classifier, images, int(final_class[b])))}
+
+    cells = [(s, int(t), b, traj) for s, t in enumerate(steps) for b, traj in enumerate(targets)]
+    for s, t, b, traj in _bar(cells, "feature formation", "target-step", progress):
+        row = results.row("formation", f"target{traj.target_id:04d}_t{t:04d}",
+                          {**shared, "target": target_key(traj, t), "final_class": int(final_class[b])},
+                          lambda: measure(traj, t, b))
+        out[b, s] = row["fraction_in_final_class"]
     return out
 
 
@@ -258,6 +380,10 @@ def write_counterfactual(out: Path, rows, summary, consistency_rows, formation, 
             plot_counterfactual_bars(bars, out / f"{metric}.png", metric=metric)
     formation_rows = [{"target_id": t.target_id, "step": int(s), "fraction_in_final_class": float(formation[b, i])}
                       for b, t in enumerate(targets) for i, s in enumerate(steps)]
-    write_table(formation_rows, out / "feature_formation.csv", out / "feature_formation.json")
-    plot_feature_formation(steps, formation, out / "feature_formation.png",
-                           labels=[f"target {t.target_id}" for t in targets])
+    if formation_rows:
+        write_table(formation_rows, out / "feature_formation.csv", out / "feature_formation.json")
+        plot_feature_formation(steps, formation, out / "feature_formation.png",
+                               labels=[f"target {t.target_id}" for t in targets])
+    else:  # no pass this time (plan.formation_targets = 0): no table of an earlier run stays beside the new ones
+        for name in ("feature_formation.csv", "feature_formation.json", "feature_formation.png"):
+            (out / name).unlink(missing_ok=True)

@@ -1,16 +1,25 @@
 """Scores of every compared method for the LDS targets and steps, as :class:`MethodScores`: the datamodel
-predictions the LDS needs (``(J, B, S)``; TRAK ``(L, J, B, S)``, one slice per ridge) and the ``(N, B, S)``
-scores at the chosen ridge (:meth:`MethodScores.at`, what ``chosen_scores.pt`` keeps).
+predictions the LDS needs (``(J, B, S)``; estimators ``(L, J, B, S)``, one slice per ridge) and the
+``(N, B, S)`` scores at the chosen ridge (:meth:`MethodScores.at`, what ``chosen_scores.pt`` keeps).
 
-* TRAK (``trak``, ``trak_1ckpt``, ``trak_square``): projected gradients of the step output at each
-  checkpoint of the full model (x0_hat_t recomputed from the recorded x_t with that checkpoint, as
-  ``AttributionModule`` does), then ONE pass over the stores for every candidate ridge: the solves of all
-  the ridges side by side (``attribution.scoring.sweep_solves``, each store's relative lambda), the scores
-  streamed once (``score_pass``, float32 on the accelerator when there is one) into the predictions
-  ``masks @ scores`` and into an on-disk column scratch from which the chosen ridge's scores are read.
-  Nothing of size lambdas x N x targets x steps is held in memory. ``trak_1ckpt`` uses only the last
-  store; ``trak_square`` uses D-TRAK's square output on the target side.
-* ``trak@<name>``: ``trak`` on the stores of ``plan.extra_features[name]`` (e.g. another projector).
+Estimators are settings, not forks (:func:`evaluation.plan.parse_method`:
+``<trak|dual|ekfac|kfac>[_1ckpt][_square][@<features>]``), all scored on the same targets and masks:
+
+* ``trak``: projected gradients of the step output at each checkpoint of the full model (x0_hat_t
+  recomputed from the recorded x_t with that checkpoint, as ``AttributionModule`` does), then ONE pass over
+  the stores for every candidate ridge: the solves of all the ridges side by side
+  (``attribution.scoring.sweep_solves``, each store's relative lambda), the scores streamed once
+  (``score_pass``, float32 on the accelerator when there is one) into the predictions ``masks @ scores``
+  and into an on-disk column scratch from which the chosen ridge's scores are read. Nothing of size
+  lambdas x N x targets x steps is held in memory.
+* ``dual``: the same estimator through the N x N Gram matrix (``attribution.dual``), exact on unprojected
+  stores (``--settings.projector=identity``); every ridge from one pass over each store.
+* ``ekfac`` / ``kfac``: influence with EK-FAC / K-FAC curvature (``attribution.ekfac``) fitted on the
+  training examples at each checkpoint; every damping from one pass over the examples.
+* ``_1ckpt``: the last checkpoint only; ``_square``: D-TRAK's square output on the target side;
+  ``@<name>``: the stores of ``plan.extra_features[name]`` (another training-side output, timestep draws,
+  projector, no projection). The ``dual`` and ``ekfac`` scores are held in memory (``L x N x B x S``
+  float32): they are meant for data sets of the benchmark's size.
 * ``pixel``: cosine similarity between x0_hat_t and each training image.
 * ``embedding``: the same in the penultimate features of a classifier trained on the dataset.
 * ``random``: seeded Gaussian scores.
@@ -21,6 +30,8 @@ labels read without decoding images (:func:`dataset_labels`).
 from __future__ import annotations
 
 import logging
+import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -30,24 +41,26 @@ import torch
 
 from attribution import (FeatureStore, StepOutput, embedding_cosine_scores, featurize_batch, pixel_cosine_scores,
                          predicted_outputs, random_scores, train_classifier)
-from attribution.scoring import default_device, score_pass, sweep_solves
+from attribution.dual import GramKernel, finalize_gram, gram_scores_sweep, load_gram
+from attribution.ekfac import EKFACFactors, ekfac_damping_sweep, ekfac_gradients, fit_ekfac
+from attribution.featurize import read_cost
+from attribution.outputs import make_output
+from attribution.scoring import PRIMAL_MAX_DIM, default_device, score_pass, sweep_solves
 from attribution.ema import resolve_denoiser
 from attribution.identity import weights_hash
 from attribution.atomic import atomic_torch_save
 from attribution.trajectory import Trajectory, recorded_at
 from attribution.featurize import projector_from_meta
 from attribution.store import open_feature_stores
-from evaluation.plan import TRAK_METHODS, LDSPlan, settings_hash
+from evaluation.plan import BASELINES, LDSPlan, parse_method, settings_hash
 from lightning_modules.loading import load_diffusion_module
 
 log = logging.getLogger(__name__)
 
 
-def target_gradients(store: FeatureStore, targets: Sequence[Trajectory], steps: Sequence[int], plan: LDSPlan,
-                     kind: str) -> torch.Tensor:
-    """``(B * S, d)`` projected gradients of the step output at the store's checkpoint (rows target-major)."""
-    module = load_diffusion_module(store.meta["checkpoint"]["file"])
-    task, model = module.attribution_task(), store_denoiser(module, store, plan.use_ema).eval()
+def target_inputs(task, model: torch.nn.Module, targets: Sequence[Trajectory], steps: Sequence[int]) -> tuple:
+    """``(x0_hat_t (B * S, ...), keys (B * S,), cond or None, t (B * S,))`` of every (target, step) pair with
+    ``model``'s own estimate of x0 from the recorded x_t (rows target-major), as ``AttributionModule`` does."""
     x_t = recorded_at(targets, steps, "x_t")
     B, S = x_t.shape[:2]
     x_t = x_t.reshape(B * S, *x_t.shape[2:])
@@ -56,6 +69,15 @@ def target_gradients(store: FeatureStore, targets: Sequence[Trajectory], steps: 
     cond = None if targets[0].cond is None else torch.stack([tr.cond for tr in targets]).repeat_interleave(S, 0)
     with torch.no_grad():
         estimate = task.x0_hat(model, x_t, t, cond)
+    return estimate, keys, cond, t
+
+
+def target_gradients(store: FeatureStore, targets: Sequence[Trajectory], steps: Sequence[int], plan: LDSPlan,
+                     kind: str) -> torch.Tensor:
+    """``(B * S, d)`` projected gradients of the step output at the store's checkpoint (rows target-major)."""
+    module = load_diffusion_module(store.meta["checkpoint"]["file"])
+    task, model = module.attribution_task(), store_denoiser(module, store, plan.use_ema).eval()
+    estimate, keys, cond, t = target_inputs(task, model, targets, steps)
     output = StepOutput(plan.num_draws, plan.draw_seed, kind=kind, share_noise=plan.share_noise)
     with torch.enable_grad():
         return featurize_batch(task, model, output, projector_from_meta(store.meta["projector"], model),
@@ -94,11 +116,17 @@ class MethodScores:
     scores: Optional[torch.Tensor] = None
     chunks: list = field(default_factory=list)
     num_lambdas: int = 1
+    lambda_scores: Optional[torch.Tensor] = None
+    lambdas: Optional[list] = None
+    cost: dict = field(default_factory=dict)
 
     def at(self, chosen_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``(N, B, S)`` float32 scores; TRAK: at ridge index ``chosen_index[s]`` per step (the held-out choice)."""
         if self.scores is not None:
             return self.scores
+        if self.lambda_scores is not None:
+            S = self.lambda_scores.shape[-1]
+            return torch.stack([self.lambda_scores[int(chosen_index[s]), :, :, s] for s in range(S)], dim=-1)
         S = self.predictions.shape[-1]
         out = None
         for first, stop, columns in self.chunks:
@@ -138,7 +166,18 @@ def trak_scores(stores: Sequence[FeatureStore], grads: Sequence[torch.Tensor], r
         for _, _, columns in chunks:
             columns.close()
         raise
-    return MethodScores(torch.cat(predictions, dim=2).permute(1, 0, 2, 3).contiguous(), chunks=chunks, num_lambdas=L)
+    return MethodScores(torch.cat(predictions, dim=2).permute(1, 0, 2, 3).contiguous(), chunks=chunks, num_lambdas=L,
+                        lambdas=list(relative_lambdas))
+
+
+def swept_scores(scores: torch.Tensor, masks: torch.Tensor, lambdas: Sequence[float], B: int, S: int,
+                 cost: Optional[dict] = None) -> MethodScores:
+    """Held ``(L, N, B * S)`` scores of a ridge/damping sweep (estimators for data sets of the benchmark's
+    size: ``dual``, ``ekfac``), with their predictions ``(L, J, B, S)``."""
+    held = scores.reshape(len(lambdas), -1, B, S).to(torch.float32)
+    predictions = torch.stack([predicted_outputs(held[i], masks) for i in range(len(lambdas))])
+    return MethodScores(predictions, lambda_scores=held, num_lambdas=len(lambdas), lambdas=list(lambdas),
+                        cost=dict(cost or {}))
 
 
 def baseline_scores(scores: torch.Tensor, masks: torch.Tensor, B: int, S: int) -> MethodScores:
@@ -205,22 +244,41 @@ def dataset_arrays(datamodule) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def method_scores(method: str, plan: LDSPlan, stores, targets: Sequence[Trajectory], steps: Sequence[int],
-                  images, classifier, cache_dir: Path, masks: torch.Tensor) -> MethodScores:
-    """The method's :class:`MethodScores` for ``masks (J, N)``: TRAK with one prediction slice per
-    ``plan.relative_lambdas``, a baseline with one. ``images``: a tensor or an image source
-    (:func:`dataset_images`)."""
+                  images, classifier, cache_dir: Path, masks: torch.Tensor, datamodule=None,
+                  lambdas: Optional[Sequence[float]] = None) -> MethodScores:
+    """The method's :class:`MethodScores` for ``masks (J, N)``: an estimator (:func:`evaluation.plan.parse_method`)
+    with one prediction slice per ridge of ``lambdas`` (default ``plan.relative_lambdas``), a baseline with
+    one. ``images``: a tensor or an image source (:func:`dataset_images`); ``datamodule``: the training data
+    (EK-FAC/K-FAC; default: the datamodule of ``images``). ``cost`` records the featurize seconds per 1000
+    examples of the stores used (when they recorded it) and the seconds spent here."""
     B, S = len(targets), len(steps)
-    if method.startswith("trak@"):
-        name = method.split("@", 1)[1]
-        extra = open_feature_stores(plan.extra_features[name], f"plan.extra_features.{name}")
-        return trak_scores(extra, cached_gradients(plan, extra, targets, steps, "loss", cache_dir),
-                           plan.relative_lambdas, B, S, masks, cache_dir)
-    if method in TRAK_METHODS:
-        kind, last = TRAK_METHODS[method]
-        use = list(stores[-last:]) if last else list(stores)
-        grads = cached_gradients(plan, stores, targets, steps, kind, cache_dir)
-        grads = grads[-last:] if last else grads
-        return trak_scores(use, grads, plan.relative_lambdas, B, S, masks, cache_dir)
+    lambdas = list(plan.relative_lambdas if lambdas is None else lambdas)
+    spec = parse_method(method)
+    start = time.perf_counter()
+    if spec is not None:
+        if not plan.known_method(method):
+            raise ValueError(f"Expected `plan.extra_features.{spec.features}` for method {method!r}, but the plan "
+                             f"has only {sorted(plan.extra_features)}")
+        use = list(stores if spec.features is None else
+                   open_feature_stores(plan.extra_features[spec.features], f"plan.extra_features.{spec.features}"))
+        use = use[-1:] if spec.last_only else use
+        if spec.estimator in ("ekfac", "kfac"):
+            datamodule = datamodule if datamodule is not None else getattr(images, "datamodule", None)
+            result = ekfac_method_scores(spec, plan, use, targets, steps, datamodule, masks, cache_dir, lambdas)
+        else:
+            grads = cached_gradients(plan, use, targets, steps, spec.kind, cache_dir)
+            if spec.estimator == "dual":
+                kernels = [gram_kernel(store) for store in use]
+                result = swept_scores(gram_scores_sweep(use, grads, lambdas, kernels), masks, lambdas, B, S)
+            else:
+                wide = [str(st.path) for st in use if st.d > PRIMAL_MAX_DIM]
+                if wide:
+                    raise ValueError(f"Method {method!r}: stores {wide} hold unprojected features (d > "
+                                     f"{PRIMAL_MAX_DIM}); use the exact estimator dual{method[4:]} on them")
+                result = trak_scores(use, grads, lambdas, B, S, masks, cache_dir)
+        result.cost.update(featurize_cost(use))
+        result.cost.setdefault("score_seconds", time.perf_counter() - start)
+        return result
     x0 = recorded_at(targets, steps, "x0_hat")
     flat = x0.reshape(B * S, *x0.shape[2:])
     if method == "pixel":
@@ -230,9 +288,94 @@ def method_scores(method: str, plan: LDSPlan, stores, targets: Sequence[Trajecto
     elif method == "random":
         scores = random_scores(images.shape[0], B * S, seed=plan.split_seed + 12345)
     else:
-        raise ValueError(f"Expected a method among {list(TRAK_METHODS) + ['pixel', 'embedding', 'random']}, "
-                         f"but got {method!r}")
-    return baseline_scores(scores, masks, B, S)
+        raise ValueError(f"Expected a method among {list(BASELINES)} or <trak|dual|ekfac|kfac>[_1ckpt][_square]"
+                         f"[@<name>], but got {method!r}")
+    result = baseline_scores(scores, masks, B, S)
+    result.cost["score_seconds"] = time.perf_counter() - start
+    return result
+
+
+def featurize_cost(stores: Sequence[FeatureStore]) -> dict:
+    """``featurize_s_per_1000``: the featurize seconds per 1000 training examples summed over ``stores`` (what
+    each store's ``cost.json`` recorded; NaN when one did not record it)."""
+    total = 0.0
+    for store in stores:
+        record = read_cost(store)
+        if record is None or not record.get("rows"):
+            return {"featurize_s_per_1000": math.nan}
+        total += 1000.0 * record["seconds"] / record["rows"]
+    return {"featurize_s_per_1000": total}
+
+
+def gram_kernel(store: FeatureStore) -> GramKernel:
+    """The store's N x N Gram kernel over all rows (the full model's members): saved beside it, else made now."""
+    try:
+        return load_gram(store)
+    except FileNotFoundError:
+        return finalize_gram(store)
+
+
+class TrainingRows:
+    """Re-iterable ``(x0, keys, cond)`` batches of all N training examples in index order, as the module
+    featurizes them (``datamodule.featurize_dataloader`` and ``module.attribution_inputs``)."""
+
+    def __init__(self, datamodule, module, batch_size: int) -> None:
+        self.datamodule, self.module, self.batch_size = datamodule, module, batch_size
+
+    def __iter__(self):
+        rows = list(range(int(self.datamodule.num_examples)))
+        for batch in self.datamodule.featurize_dataloader(rows, batch_size=self.batch_size):
+            yield self.module.attribution_inputs(batch)
+
+
+def store_train_output(store: FeatureStore):
+    """The training-side output a store was featurized with (its draws, timesteps, noise sharing)."""
+    recorded = store.meta["train_output"]
+    return make_output(f"train_{recorded['kind']}", num_draws=recorded["num_draws"], seed=recorded["seed"],
+                       share_noise=recorded["share_noise"], timesteps=recorded.get("timesteps", "uniform"))
+
+
+def ekfac_method_scores(spec, plan: LDSPlan, stores: Sequence[FeatureStore], targets: Sequence[Trajectory],
+                        steps: Sequence[int], datamodule, masks: torch.Tensor, cache_dir: Path,
+                        dampings: Sequence[float]) -> MethodScores:
+    """EK-FAC / K-FAC influence (:mod:`attribution.ekfac`) at each store's checkpoint, averaged over the
+    checkpoints, for every damping of ``dampings`` (relative to each layer's mean eigenvalue): the factors
+    are fitted on all N training examples with the store's training-side output (cached per checkpoint),
+    then one pass over the examples scores every (target, step) pair and damping."""
+    if datamodule is None:
+        raise ValueError(f"Method {spec.estimator}: expected the training datamodule (the EK-FAC factors are "
+                         "fitted on the training examples), but got None")
+    B, S = len(targets), len(steps)
+    total, fit_seconds, N = None, 0.0, int(datamodule.num_examples)
+    for store in stores:
+        module = load_diffusion_module(store.meta["checkpoint"]["file"])
+        task, model = module.attribution_task(), store_denoiser(module, store, plan.use_ema).eval()
+        train_output = store_train_output(store)
+        rows = TrainingRows(datamodule, module, plan.ekfac_batch_size)
+        key = settings_hash({"strategy": spec.estimator, "fisher": plan.ekfac_fisher, "seed": plan.seed,
+                             "weights": store.meta["checkpoint"]["weights_hash"], "train": train_output.describe(),
+                             "data": store.meta.get("dataset_fingerprint"), "N": N})
+        path = cache_dir / f"{spec.estimator}_factors_{key}.pt"
+        start = time.perf_counter()
+        if path.exists():
+            factors = EKFACFactors.load(path)
+        else:
+            factors = fit_ekfac(task, model, train_output, rows, fisher=plan.ekfac_fisher, strategy=spec.estimator,
+                                seed=plan.seed, param_names=store.meta.get("param_names"))
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            factors.save(path)
+        estimate, keys, cond, t = target_inputs(task, model, targets, steps)
+        output = StepOutput(plan.num_draws, plan.draw_seed, kind=spec.kind, share_noise=plan.share_noise)
+        with torch.enable_grad():
+            grads = ekfac_gradients(task, model, output, factors, estimate, keys, cond=cond, steps=t)
+            swept = ekfac_damping_sweep(factors, task, model, train_output, rows, grads, list(dampings),
+                                        strategy=spec.estimator)
+        fit_seconds += time.perf_counter() - start
+        if swept.shape[1] != N:
+            raise ValueError(f"Expected EK-FAC scores for the N = {N} training examples, but got {swept.shape[1]}")
+        total = swept if total is None else total + swept
+    cost = {"featurize_s_per_1000": 1000.0 * fit_seconds / N}   # fit + scoring pass: its whole gradient cost
+    return swept_scores(total / len(stores), masks, dampings, B, S, cost)
 
 
 def dataset_classifier(datamodule, plan: LDSPlan, cache_dir: Path):

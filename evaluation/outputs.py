@@ -4,22 +4,28 @@
 output is the same :class:`attribution.StepOutput` as on the scoring side (Eq. 3: K' draws seeded by
 (draw_seed, target id, t)), evaluated without gradients. Each model's ``(B, S)`` outputs are cached
 in its folder under a key of the settings, so a rerun (or a new model) only computes what is missing.
+The models are evaluated through the plan's launcher like the fits (:func:`evaluate_outputs`: this process,
+local submitit workers, or a SLURM job array), each claimed first so no two workers evaluate one model.
 """
 from __future__ import annotations
 
 import math
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
+import submitit
 import torch
+from tqdm.auto import tqdm
 
 from attribution import StepOutput
 from attribution.ema import resolve_denoiser
-from attribution.atomic import atomic_torch_save
+from attribution.atomic import atomic_torch_save, atomic_write_json
 from attribution.trajectory import Trajectory, recorded_at
 from evaluation.plan import LDSPlan, settings_hash
-from evaluation.sweep import done_record
-from lightning_modules.loading import load_diffusion_module
+from evaluation.sweep import (Heartbeat, done_record, local_devices, pin_worker, release_claim, slurm_parameters,
+                              try_claim, worker_setup)
 
 
 def evaluated_steps(targets: Sequence[Trajectory], steps: Optional[Sequence[int]]) -> list[int]:
@@ -57,16 +63,126 @@ def step_outputs(module, targets: Sequence[Trajectory], steps: Sequence[int], pl
 
 def model_outputs(folder: Path, targets: Sequence[Trajectory], steps: Sequence[int], plan: LDSPlan) -> tuple[torch.Tensor, bool]:
     """Outputs of the finished model in ``folder``, from its cache when present; returns (values, computed)."""
-    key = settings_hash({**plan.output_settings(), "steps": list(steps), "targets_ids": [t.target_id for t in targets]})
-    cache = Path(folder) / f"outputs_{key}.pt"
+    cache = Path(folder) / f"outputs_{output_key(plan, targets, steps)}.pt"
     if cache.exists():
         return torch.load(cache, weights_only=False)["outputs"], False
+    from lightning_modules.loading import load_diffusion_module  # here: a launcher's worker imports this module
+
     record = done_record(folder)
     module = load_diffusion_module(record["checkpoint"])
     values = step_outputs(module, targets, steps, plan)
     atomic_torch_save({"outputs": values, "settings": plan.output_settings(), "steps": list(steps),
                        "target_ids": [t.target_id for t in targets], "checkpoint": record["checkpoint"]}, cache)
     return values, True
+
+
+def output_key(plan: LDSPlan, targets: Sequence[Trajectory], steps: Sequence[int]) -> str:
+    """The cache key of a model's outputs (settings, steps, target ids): ``outputs_<key>.pt`` in its folder."""
+    return settings_hash({**plan.output_settings(), "steps": list(steps), "targets_ids": [t.target_id for t in targets]})
+
+
+@dataclass
+class OutputJob:
+    """The outputs of one finished subset model to evaluate: done when its cache file exists; claimed through
+    ``<cache>.claim`` exactly like a fit (:func:`evaluation.sweep.try_claim`), so two invocations at once never
+    evaluate one model twice."""
+
+    name: str
+    folder: Path
+    cache: Path
+
+    @property
+    def done(self) -> bool:
+        return self.cache.exists()
+
+    @property
+    def claim_file(self) -> Path:
+        return self.cache.with_suffix(".claim")
+
+
+def output_jobs(plan: LDSPlan, targets: Sequence[Trajectory], steps: Sequence[int],
+                mask_range: Optional[range] = None) -> list[OutputJob]:
+    """One job per finished subset model in ``mask_range`` (all masks by default) whose outputs are not cached."""
+    key = output_key(plan, targets, steps)
+    jobs = []
+    for j in mask_range or range(plan.num_masks):
+        for r in range(plan.seeds_for(j)):
+            folder = plan.model_dir(j, r)
+            if done_record(folder) is not None:
+                jobs.append(OutputJob(folder.name, folder, folder / f"outputs_{key}.pt"))
+    return [job for job in jobs if not job.done]
+
+
+EvaluateFn = Callable[[OutputJob, LDSPlan, Sequence[Trajectory], Sequence[int]], None]
+"""Evaluates one claimed job and writes its cache file (default :func:`evaluate_model`)."""
+
+
+def evaluate_model(job: OutputJob, plan: LDSPlan, targets: Sequence[Trajectory], steps: Sequence[int]) -> None:
+    model_outputs(job.folder, targets, steps, plan)
+
+
+def evaluate_claimed(job: OutputJob, plan: LDSPlan, targets: Sequence[Trajectory], steps: Sequence[int],
+                     evaluate: Optional[EvaluateFn] = None) -> bool:
+    """Claim ``job`` and evaluate (and cache) its model's outputs; False when done or held by a live worker."""
+    stale_s = 60.0 * plan.claim_stale_min
+    token = try_claim(job, stale_s)
+    if token is None:
+        return False
+    try:
+        with Heartbeat(job, token, stale_s / 4):
+            (evaluate or evaluate_model)(job, plan, targets, steps)
+    finally:
+        release_claim(job, token)
+    return True
+
+
+def outputs_work(jobs: Sequence[OutputJob], plan: LDSPlan, targets: Sequence[Trajectory], steps: Sequence[int],
+                 devices: Optional[str], evaluate: Optional[EvaluateFn] = None) -> list[str]:
+    """One worker of ``lds_outputs``: pinned to ``devices`` and ``plan.threads_per_worker`` threads, it claims and
+    evaluates ``jobs`` in order (those done or held by another worker are skipped); returns the names it did."""
+    pin_worker(devices, plan.threads_per_worker)
+    return [job.name for job in jobs if evaluate_claimed(job, plan, targets, steps, evaluate)]
+
+
+def evaluate_outputs(plan: LDSPlan, targets: Sequence[Trajectory], steps: Sequence[int],
+                     mask_range: Optional[range] = None, progress: bool = True,
+                     evaluate: Optional[EvaluateFn] = None) -> dict:
+    """Evaluate the outputs of every finished, uncached subset model through ``plan.launcher``: this process
+    (``inprocess``), ``plan.workers`` submitit workers on this machine (``local``; each pinned like a fit's
+    worker), or one SLURM job array over the models (``slurm``: submits and returns; rerun once it has
+    finished). Returns ``{"evaluated": names evaluated by this call, "submitted": SLURM tasks}``."""
+    pending = output_jobs(plan, targets, steps, mask_range)
+    if not pending:
+        return {"evaluated": [], "submitted": 0}
+    launcher = plan.launch_with
+    if launcher == "inprocess":
+        done = []
+        for job in tqdm(pending, desc="lds_outputs", unit="model", disable=not progress):
+            if evaluate_claimed(job, plan, targets, steps, evaluate):
+                done.append(job.name)
+        return {"evaluated": done, "submitted": 0}
+    folder = plan.root / "launcher" / "outputs"
+    if launcher == "local":
+        workers = min(plan.workers, len(pending))
+        devices = local_devices(workers, plan.gpus_per_job)
+        executor = submitit.LocalExecutor(folder=folder / "%j")
+        executor.update_parameters(timeout_min=plan.timeout_min, setup=worker_setup())
+        submitted = [executor.submit(outputs_work, pending, plan, targets, steps, devices[k], evaluate) for k in range(workers)]
+        try:
+            done = [name for job in submitted for name in job.result()]
+        except KeyboardInterrupt:
+            for job in submitted:
+                job.cancel(check=False)
+            raise
+        return {"evaluated": done, "submitted": 0}
+    executor = submitit.SlurmExecutor(folder=folder / "%j")
+    executor.update_parameters(**slurm_parameters(plan))
+    n = len(pending)
+    tasks = executor.map_array(outputs_work, [[job] for job in pending], [plan] * n, [targets] * n, [steps] * n,
+                               [None] * n, [evaluate] * n)
+    atomic_write_json(folder / f"slurm_{tasks[0].job_id.split('_')[0]}.json",
+                      {"jobs": {t.job_id: job.name for t, job in zip(tasks, pending)}, "submitted": time.time()})
+    return {"evaluated": [], "submitted": len(tasks)}
 
 
 def collect_outputs(plan: LDSPlan, targets: Sequence[Trajectory], steps: Sequence[int],

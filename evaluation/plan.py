@@ -18,13 +18,49 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
 METHODS = ("trak", "trak_1ckpt", "trak_square", "pixel", "embedding", "random")
+BASELINES = ("pixel", "embedding", "random")
+ESTIMATORS = ("trak", "dual", "ekfac", "kfac")
 LAUNCHERS = ("inprocess", "local", "slurm")
 TRAK_METHODS = {"trak": ("loss", None), "trak_1ckpt": ("loss", 1), "trak_square": ("square", None)}
+_METHOD = re.compile(r"^(trak|dual|ekfac|kfac)(_1ckpt)?(_square)?(?:@([A-Za-z0-9_.-]+))?$")
+
+
+@dataclass(frozen=True)
+class EstimatorMethod:
+    """A gradient-based method of the report, parsed from its name
+    ``<estimator>[_1ckpt][_square][@<features>]``:
+
+    * estimator: ``trak`` (Eq. 3: ``Phi (Phi^T Phi + lambda I)^-1 g``, projected features), ``dual`` (the
+      same through the N x N Gram matrix, :mod:`attribution.dual`: exact on unprojected features, ridge
+      relative to the members' mean squared feature norm, independent of d), ``ekfac`` / ``kfac``
+      (influence with the EK-FAC / K-FAC curvature of :mod:`attribution.ekfac`, damping per layer);
+    * ``_1ckpt``: the last checkpoint only (else the average over every checkpoint's store);
+    * ``_square``: D-TRAK's square output on the target side (else the step output f_t, the paper's);
+    * ``@<features>``: the stores of ``plan.extra_features[<features>]`` (else ``plan.features``): e.g.
+      features made with another training-side output, timestep draws, projector or no projection.
+      EK-FAC/K-FAC read only the checkpoints and the training-side output (draws, timesteps) of those
+      stores, never their projected rows.
+    """
+
+    estimator: str
+    last_only: bool = False
+    kind: str = "loss"
+    features: Optional[str] = None
+
+
+def parse_method(name: str) -> Optional[EstimatorMethod]:
+    """The :class:`EstimatorMethod` a method name spells, or None (a baseline or unknown)."""
+    found = _METHOD.match(name) if isinstance(name, str) else None
+    if found is None:
+        return None
+    estimator, one, square, features = found.groups()
+    return EstimatorMethod(estimator, one is not None, "square" if square else "loss", features)
 
 
 @dataclass
@@ -54,13 +90,22 @@ class LDSPlan:
         share_noise: D-TRAK noise sharing (must match how the stores were featurized).
         use_ema: None: the EMA weights of every model when it keeps them (TRAK's target side: what each store
             recorded); True: the EMA weights (an error for a model without); False: the raw weights.
-        methods: compared methods, among trak, trak_1ckpt, trak_square, pixel, embedding, random, and
-            ``trak@<name>`` for each entry of ``extra_features``.
+        methods: compared methods: the baselines pixel, embedding, random and the estimators
+            ``<trak|dual|ekfac|kfac>[_1ckpt][_square][@<name>]`` (:class:`EstimatorMethod`; ``<name>`` an entry
+            of ``extra_features``), e.g. trak, trak_1ckpt, trak_square, dual@identity, ekfac_1ckpt.
         extra_features: name -> another folder of the full model's feature stores (e.g. made with another
             projector: ``{"gaussian": "runs/x/features_gaussian"}``); method ``trak@<name>`` is TRAK (Eq. 3)
             on every store of that folder, scored exactly like ``trak``.
         paired_versus: methods every other method is compared with (paired differences over targets).
-        relative_lambdas: candidate ridge values, relative to each kernel's mean eigenvalue.
+        relative_lambdas: candidate ridge values (trak: relative to each kernel's mean eigenvalue trace / d;
+            dual: to the members' mean squared feature norm; ekfac/kfac: the damping relative to each layer's
+            mean curvature eigenvalue).
+        extend_grid: when the held-out choice of a ridge lands on the first or last value of the grid, extend
+            the grid by a factor 10 past that edge and score again, at most this many times; a choice still at
+            the edge is flagged in the tables (``lambda_at_grid_edge``).
+        ekfac_fisher: the Fisher of the EK-FAC/K-FAC factors, "empirical" (the training loss's own gradients)
+            or "sampled" (seeded pseudo-targets: the GGN), see :func:`attribution.ekfac.fit_ekfac`.
+        ekfac_batch_size: training examples per forward/backward of the EK-FAC/K-FAC passes.
         lambda_per_step: choose lambda per step (else one for all steps).
         heldout_fraction: share of the targets that choose lambda (never reported).
         split_seed: seed of the held-out / report split of the targets.
@@ -74,6 +119,8 @@ class LDSPlan:
         num_completions: completions per target (and per step for feature formation).
         consistency_seeds: extra full-data models (other seeds) for seed consistency.
         formation_steps: sampling steps of the feature-formation curves (None: the recorded steps).
+        formation_targets: feature formation for the first this many report targets (None: all; 0: no
+            feature-formation pass). The pass samples targets x steps x num_completions completions.
         workers: ``launcher: local``: worker processes side by side on this machine, each training one model
             at a time (on a small CPU several one-thread workers beat one multi-thread process).
         threads_per_worker: OMP/MKL/torch threads of each worker and its fits.
@@ -122,6 +169,9 @@ class LDSPlan:
     extra_features: dict[str, str] = field(default_factory=dict)
     paired_versus: list[str] = field(default_factory=lambda: ["pixel"])
     relative_lambdas: list[float] = field(default_factory=lambda: [1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0])
+    extend_grid: int = 2
+    ekfac_fisher: str = "empirical"
+    ekfac_batch_size: int = 64
     lambda_per_step: bool = False
     heldout_fraction: float = 0.5
     split_seed: int = 0
@@ -135,6 +185,7 @@ class LDSPlan:
     num_completions: int = 64
     consistency_seeds: int = 1
     formation_steps: Optional[list[int]] = None
+    formation_targets: Optional[int] = None
     workers: int = 2
     threads_per_worker: int = 1
     runner: str = "subprocess"
@@ -156,16 +207,26 @@ class LDSPlan:
                      "classifier_epochs", "num_completions"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"Expected `plan.{name}` to be a positive int, but got {getattr(self, name)!r}")
+        if self.formation_targets is not None and (not isinstance(self.formation_targets, int)
+                                                   or self.formation_targets < 0):
+            raise ValueError(f"Expected `plan.formation_targets` to be an int >= 0 (or null: all report targets), "
+                             f"but got {self.formation_targets!r}")
         if not 0.0 < self.fraction < 1.0:
             raise ValueError(f"Expected `plan.fraction` in (0, 1), but got {self.fraction}")
         if self.replicate_masks < 0 or self.replicate_masks > self.num_masks or self.replicate_seeds < 2:
             raise ValueError(f"Expected 0 <= `plan.replicate_masks` <= num_masks = {self.num_masks} and "
                              f"`plan.replicate_seeds` >= 2, but got {self.replicate_masks} and {self.replicate_seeds}")
-        known = set(METHODS) | {f"trak@{name}" for name in self.extra_features}
-        unknown = sorted(set(self.methods) - known) + sorted(set(self.cf_methods) - known)
+        unknown = [m for m in list(self.methods) + list(self.cf_methods) if not self.known_method(m)]
         if unknown:
-            raise ValueError(f"Expected `plan.methods` and `plan.cf_methods` among {sorted(known)} (trak@<name> "
-                             f"needs `plan.extra_features.<name>`), but got {unknown}")
+            raise ValueError(f"Expected `plan.methods` and `plan.cf_methods` among {list(BASELINES)} and "
+                             f"<trak|dual|ekfac|kfac>[_1ckpt][_square][@<name>] (@<name> needs "
+                             f"`plan.extra_features.<name>`; known: {sorted(self.extra_features)}), but got {unknown}")
+        if self.ekfac_fisher not in ("empirical", "sampled"):
+            raise ValueError(f"Expected `plan.ekfac_fisher` 'empirical' or 'sampled', but got {self.ekfac_fisher!r}")
+        for name in ("extend_grid", "ekfac_batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < (1 if name == "ekfac_batch_size" else 0):
+                raise ValueError(f"Expected `plan.{name}` to be an int >= {1 if name == 'ekfac_batch_size' else 0}, "
+                                 f"but got {getattr(self, name)!r}")
         if not self.relative_lambdas or min(self.relative_lambdas) <= 0:
             raise ValueError(f"Expected `plan.relative_lambdas` to be positive relative ridges, but got "
                              f"{self.relative_lambdas}")
@@ -181,6 +242,13 @@ class LDSPlan:
         for name in ("timeout_min", "claim_stale_min") + (("slurm_mem_gb",) if self.slurm_mem_gb is not None else ()):
             if not float(getattr(self, name)) > 0:
                 raise ValueError(f"Expected `plan.{name}` to be positive (minutes or GB), but got {getattr(self, name)!r}")
+
+    def known_method(self, name: str) -> bool:
+        """A baseline, or an estimator whose ``@<name>`` (if any) is in ``extra_features``."""
+        if name in BASELINES:
+            return True
+        spec = parse_method(name)
+        return spec is not None and (spec.features is None or spec.features in self.extra_features)
 
     @property
     def launch_with(self) -> str:

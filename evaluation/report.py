@@ -4,7 +4,10 @@ labelled), paired differences against pixel similarity; CSV/JSON tables, PNG plo
 
 Tables written to ``<out_dir>/report``: ``lds.csv|json`` (the figures to report), ``lambda_sweep.csv|json``
 (held-out and report means per lambda; ``oracle_*`` columns are optimistic, never the method's LDS),
-``paired.csv|json`` (method minus each of ``plan.paired_versus``, paired over report targets), ``ceiling.csv|json``.
+``paired.csv|json`` (method minus each of ``plan.paired_versus``, paired over report targets), ``ceiling.csv|json``
+(with its s.e. over report targets), ``comparison.csv|json`` (one row per method: LDS per step and mean over steps,
+paired differences against TRAK Eq. 3 and pixel, ratio to TRAK, chosen ridge, cost). A ridge chosen at the edge
+of its grid is flagged (``lambda_at_grid_edge``); ``lds_report`` extends the grid past it first.
 
 Everything here works on datamodel predictions ``(J, B, S)`` (TRAK ``(L, J, B, S)``): the methods hand them
 over already summed over each subset (``evaluation.methods.MethodScores``), so the report never holds a
@@ -23,7 +26,7 @@ from attribution import (choose_lambda_heldout, lds_table, paired_difference, pr
 from attribution.lds import (LambdaChoice, LDSResult, lds_from_predictions, lds_per_lambda_from_predictions,
                              nan_mean_se)
 from attribution.plots import plot_lambda_sweep, plot_lds_vs_step
-from evaluation.plan import TRAK_METHODS
+from evaluation.plan import TRAK_METHODS  # noqa: F401 (kept name)
 
 
 def masks_matrix(mask_files: Sequence[Path]) -> torch.Tensor:
@@ -87,21 +90,25 @@ def build_report(scores: dict, masks: torch.Tensor, actual: torch.Tensor, replic
     """
     trained = torch.isfinite(actual).all(-1).all(-1)
     predictions = {m: method_predictions(s, masks)[..., trained, :, :] for m, s in scores.items()}
+    grids = {m: list(getattr(s, "lambdas", None) or lambdas) for m, s in scores.items()}
     masks, actual = masks[trained], actual[trained]
     B = actual.shape[1]
     heldout, report = split_targets(B, split_seed, heldout_fraction)
-    results = {m: evaluate_predictions(p, actual, lambdas, heldout, report, per_step) for m, p in predictions.items()}
+    results = {m: evaluate_predictions(p, actual, grids[m], heldout, report, per_step) for m, p in predictions.items()}
     ceiling = seed_noise_ceiling(replicates, num_seeds=seeds_per_mask) if replicates is not None else None
-    ceiling_report = None if ceiling is None else nan_mean_se(ceiling.ceiling[report], 0)[0]
+    ceiling_report, ceiling_se = (None, None) if ceiling is None else nan_mean_se(ceiling.ceiling[report], 0)[:2]
     rows = lds_table(results, steps, ceiling_report)
     for row in rows:
-        row.update(num_models=int(masks.shape[0]), seeds_per_mask=seeds_per_mask, targets="report")
+        s = list(steps).index(row["step"])
+        row.update(ceiling_se=math.nan if ceiling_se is None else float(ceiling_se[s]),
+                   num_models=int(masks.shape[0]), seeds_per_mask=seeds_per_mask, targets="report")
         choice = results[row["method"]]
         if isinstance(choice, LambdaChoice):
-            s = list(steps).index(row["step"])
+            row["lambda_at_grid_edge"] = bool(at_grid_edge(choice)[s])
             row["oracle_lambda_NOT_REPORTED"] = float(choice.oracle_lambda[s])
             row["oracle_lds_mean_NOT_REPORTED"] = float(choice.oracle_mean[s])
-    tables = {"lds": rows, "lambda_sweep": [], "paired": [], "ceiling": []}
+    tables = {"lds": rows, "lambda_sweep": [], "paired": [], "ceiling": [],
+              "comparison": comparison_rows(results, steps, {m: getattr(sc, "cost", {}) for m, sc in scores.items()})}
     for method, choice in results.items():
         if isinstance(choice, LambdaChoice):
             per_lambda = lds_per_lambda_from_predictions(predictions[method], actual)[:, report]
@@ -116,11 +123,80 @@ def build_report(scores: dict, masks: torch.Tensor, actual: torch.Tensor, replic
                                   "diff_se": float(se[s]), "n_targets": int(report.numel())}
                                  for s, t in enumerate(steps)]
     if ceiling is not None:
-        tables["ceiling"] = [{"step": int(t), "ceiling": float(ceiling_report[s]),
+        tables["ceiling"] = [{"step": int(t), "ceiling": float(ceiling_report[s]), "ceiling_se": float(ceiling_se[s]),
                               "noise_fraction_single_seed": float(nan_mean_se(ceiling.noise_fraction[report], 0)[0][s]),
                               "replicate_seeds": int(replicates.shape[0]), "replicate_masks": int(replicates.shape[1]),
                               "seeds_averaged": seeds_per_mask} for s, t in enumerate(steps)]
     return {"tables": tables, "results": results, "heldout": heldout, "report": report}
+
+
+def at_grid_edge(choice: LambdaChoice) -> torch.Tensor:
+    """``(S,)`` bool: the held-out choice is the first or the last value of its grid (the optimum may lie beyond)."""
+    L = len(choice.lambdas)
+    return (choice.chosen_index == 0) | (choice.chosen_index == L - 1) if L > 1 else torch.zeros_like(
+        choice.chosen_index, dtype=torch.bool)
+
+
+def edge_methods(report: dict) -> dict[str, list[str]]:
+    """Methods whose held-out ridge choice sits at an edge of the grid: name -> ["low"] / ["high"] edges."""
+    out = {}
+    for method, choice in report["results"].items():
+        if isinstance(choice, LambdaChoice):
+            L = len(choice.lambdas)
+            edges = sorted({("low" if int(i) == 0 else "high") for i in choice.chosen_index.tolist()
+                            if L > 1 and int(i) in (0, L - 1)})
+            if edges:
+                out[method] = edges
+    return out
+
+
+def extended_grid(grid: Sequence[float], edges: Sequence[str]) -> list[float]:
+    """``grid`` with one more value a factor 10 past each edge in ``edges``."""
+    values = sorted(float(v) for v in grid)
+    if "low" in edges:
+        values.insert(0, values[0] / 10.0)
+    if "high" in edges:
+        values.append(values[-1] * 10.0)
+    return values
+
+
+COMPARED_WITH = ("trak", "pixel")
+
+
+def comparison_rows(results: dict, steps: Sequence[int], costs: dict, versus: Sequence[str] = COMPARED_WITH) -> list[dict]:
+    """One row per method: report LDS per step (lambda chosen on held-out targets), its mean over steps with
+    s.e. over report targets, paired differences of that mean against TRAK Eq. 3 (``trak``) and pixel
+    similarity (with s.e.), the ratio to TRAK, the chosen ridge, whether it sits at a grid edge, and the cost
+    (featurize seconds per 1000 examples of the stores used; seconds of scoring in the report)."""
+    def step_mean(res) -> torch.Tensor:                      # (B_r,) mean over steps per report target
+        return nan_mean_se(report_lds(res).per_target.T, 0)[0]
+
+    means = {m: step_mean(r) for m, r in results.items()}
+    rows = []
+    for method, res in results.items():
+        lds = report_lds(res)
+        mean, se, n = nan_mean_se(means[method], 0)
+        row = {"method": method}
+        for s, t in enumerate(steps):
+            row[f"lds_t{int(t)}"] = float(lds.mean[s])
+            row[f"se_t{int(t)}"] = float(lds.se[s])
+        row.update(lds_mean_over_steps=float(mean), lds_mean_se=float(se), n_targets=int(n))
+        for other in versus:
+            if other in means and other != method:
+                d_mean, d_se = paired_difference(means[method].unsqueeze(1), means[other].unsqueeze(1))
+                row[f"minus_{other}"], row[f"minus_{other}_se"] = float(d_mean[0]), float(d_se[0])
+            else:
+                row[f"minus_{other}"] = row[f"minus_{other}_se"] = math.nan
+        base = float(nan_mean_se(means["trak"], 0)[0]) if "trak" in means else math.nan
+        row["ratio_to_trak"] = float(mean) / base if base not in (0.0,) and math.isfinite(base) else math.nan
+        if isinstance(res, LambdaChoice):
+            row["lambda"] = ";".join(f"{v:g}" for v in res.chosen_lambda.tolist())
+            row["lambda_at_grid_edge"] = bool(at_grid_edge(res).any())
+        cost = costs.get(method, {})
+        row["featurize_s_per_1000"] = float(cost.get("featurize_s_per_1000", math.nan))
+        row["score_seconds"] = float(cost.get("score_seconds", math.nan))
+        rows.append(row)
+    return rows
 
 
 def write_report(report: dict, steps: Sequence[int], out: Path, logger=None) -> list[Path]:
@@ -166,4 +242,5 @@ def chosen_scores(scores, result) -> torch.Tensor:
     return torch.stack([scores[int(idx[s]), :, :, s] for s in range(scores.shape[-1])], dim=-1)
 
 
-__all__ = ["build_report", "write_report", "chosen_scores", "masks_matrix", "TRAK_METHODS"]
+__all__ = ["build_report", "write_report", "chosen_scores", "masks_matrix", "comparison_rows", "edge_methods",
+           "extended_grid", "TRAK_METHODS"]

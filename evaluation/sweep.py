@@ -272,14 +272,14 @@ def release_claim(job: FitJob, token: str) -> None:
             job.claim_file.unlink()
 
 
-class _Heartbeat:
+class Heartbeat:
     """Refreshes a held claim every ``interval`` seconds from a daemon thread; ``lost`` is set if it was broken."""
 
     def __init__(self, job: FitJob, token: str, interval: float):
         self.lost, self._stop = threading.Event(), threading.Event()
         self._thread = threading.Thread(target=self._beat, args=(job, token, interval), daemon=True)
 
-    def __enter__(self) -> "_Heartbeat":
+    def __enter__(self) -> "Heartbeat":
         self._thread.start()
         return self
 
@@ -346,7 +346,7 @@ def train_claimed(job: FitJob, settings: FitSettings, train: Optional[TrainFn] =
     if token is None:
         return None
     try:
-        with _Heartbeat(job, token, settings.stale_s / 4) as beat:
+        with Heartbeat(job, token, settings.stale_s / 4) as beat:
             if job.folder.exists():  # an unfinished folder (a killed run): cleared by the claim holder only
                 shutil.rmtree(job.folder)
             job.folder.mkdir(parents=True)

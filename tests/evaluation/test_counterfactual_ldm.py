@@ -13,6 +13,7 @@ from lightning.pytorch import seed_everything
 from attribution import train_classifier
 from evaluation import counterfactual as cf
 from evaluation.plan import LDSPlan
+from evaluation.results import ResultCache
 from evaluation.sweep import DONE, FitJob
 from helpers import fit_trainer, small_data
 from lightning_modules import LDMModule
@@ -64,8 +65,12 @@ def test_counterfactual_measurements_run_on_a_v_prediction_ldm(tmp_path):
     from lightning_modules.loading import load_diffusion_module
     original = load_diffusion_module(ckpt)
 
-    (row,) = cf.measure_removals(plan, [job], [traj], original, classifier, n_steps)
+    results = ResultCache(tmp_path / "results")
+    (row,) = cf.measure_removals(plan, [job], [traj], original, classifier, n_steps, results)
     assert row["completion_l2"] == 0.0 and row["forgetting_l2"] == 0.0 and math.isfinite(row["fid"])
+    # a rerun reads the finished result (keyed by the conditioned target too) instead of measuring it again
+    assert cf.measure_removals(plan, [job], [traj], original, classifier, n_steps, results) == [row]
+    assert results.counts == {"removal": [1, 1]}
     (consistency,) = cf.seed_consistency(plan, [job], [traj], original, n_steps)
     assert consistency["l2_same_seed_mean"] == 0.0
     formation = cf.feature_formation(plan, [traj], [900, step], original, classifier, n_steps)

@@ -4,15 +4,18 @@ without retraining finished models, actual outputs are cached and reused."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
 import torch
 import yaml
 
-from helpers import small_data
+from helpers import Killed, small_data
+from evaluation import counterfactual as cf
 from evaluation.outputs import collect_outputs, evaluated_steps
 from evaluation.plan import LDSPlan
 from evaluation.sweep import DONE
@@ -71,7 +74,7 @@ def chain(tmp_path_factory):
             "features": str(tmp / "features"), "targets": str(tmp / "targets"), "num_draws": 2,
             "relative_lambdas": [0.01, 1.0, 100.0], "runner": "inprocess", "workers": 1, "classifier_epochs": 1,
             "cf_targets": 1, "cf_step": 500, "forget_step": 500, "cf_ks": [5], "cf_methods": ["trak", "random"],
-            "num_completions": 4, "consistency_seeds": 1}
+            "num_completions": 4, "consistency_seeds": 1, "extend_grid": 0}
     plan_file = tmp / "plan.yaml"
     plan_file.write_text(yaml.safe_dump(plan))
     return {"tmp": tmp, "config": config, "plan": str(plan_file), "root": tmp / "lds"}
@@ -193,6 +196,91 @@ def test_counterfactual_tables_and_plots(chain):
     assert all(0 <= r["fraction_in_final_class"] <= 1 for r in formation)
     for name in ("fid.png", "forgetting_l2.png", "feature_formation.png"):
         assert (out / name).exists()
+    # one result file per measured item: 2 removal models, 1 other-seed model, 2 report targets x 2 steps
+    assert {kind: len(list((out / "results" / kind).glob("*.json"))) for kind in ("removal", "consistency",
+                                                                                   "formation")} == \
+        {"removal": 2, "consistency": 1, "formation": len(formation)}
+
+
+CF_TABLES = ("per_target", "counterfactual", "seed_consistency", "feature_formation")
+
+
+def test_counterfactual_killed_after_the_first_result_resumes_without_recomputing(chain, monkeypatch, capsys,
+                                                                                   caplog):
+    """After the uninterrupted run above: its results are deleted (the retrained models kept), a run killed while
+    measuring the second removal model keeps the first one's result; the rerun measures only what is missing and
+    ends with the uninterrupted tables; a third run measures nothing."""
+    out = chain["root"] / "counterfactual"
+    uninterrupted = {name: json.loads((out / f"{name}.json").read_text()) for name in CF_TABLES}
+    shutil.rmtree(out / "results")
+    measured, sampled, kill_at = [], [], [3]  # completions: reference, 1st model's, 2nd model's (killed)
+    real_measure, real_completions = cf._measure_removal, cf.completions
+
+    def measure(plan, job, *args):
+        measured.append(job.name)
+        return real_measure(plan, job, *args)
+
+    def completions(*args, **kwargs):
+        sampled.append(args[3])
+        if len(sampled) == kill_at[0]:
+            raise Killed("killed while measuring")
+        return real_completions(*args, **kwargs)
+
+    monkeypatch.setattr(cf, "_measure_removal", measure)
+    monkeypatch.setattr(cf, "completions", completions)
+    with pytest.raises(Killed):
+        run(_args(chain, "counterfactual"))
+    first, second = measured
+    assert len(list((out / "results" / "removal").glob("*.json"))) == 1
+    assert len(list((out / "results" / "reference").glob("*.pt"))) == 1
+
+    measured.clear(), sampled.clear(), kill_at.clear(), kill_at.append(0)
+    caplog.set_level(logging.INFO)
+    capsys.readouterr()
+    run(_args(chain, "counterfactual"))
+    n_formation = len(uninterrupted["feature_formation"])
+    assert measured == [second]                                     # the first model's result was read back
+    assert len(sampled) == 1 + n_formation                          # its completions and the reference: not again
+    for name in CF_TABLES:
+        assert json.loads((out / f"{name}.json").read_text()) == uninterrupted[name], name
+    err, log = capsys.readouterr().err, caplog.text
+    for bar in ("retrained models", "removal models", "seed consistency", "feature formation"):
+        assert f"counterfactual: {bar}" in err, (bar, err)         # one progress bar per phase
+    assert "removal: 1 measured, 1 reused" in log and "consistency: 1 measured, 0 reused" in log
+    assert f"1 of {3 + n_formation} results reused" in log
+
+    measured.clear(), sampled.clear()
+    run(_args(chain, "counterfactual"))
+    assert measured == [] and sampled == []
+    assert f"{3 + n_formation} of {3 + n_formation} results reused" in caplog.text
+
+
+def test_feature_formation_is_sized_by_the_plan(chain, monkeypatch):
+    """plan.formation_targets / formation_steps / num_completions set the pass; unrecorded steps are refused first."""
+    sampled = []
+    real = cf.completions
+
+    def completions(predict, scheduler, x_t, t, n, *args, **kwargs):
+        sampled.append((t, n))
+        return real(predict, scheduler, x_t, t, n, *args, **kwargs)
+
+    monkeypatch.setattr(cf, "completions", completions)
+    run(_args(chain, "counterfactual", "--plan.formation_targets=1", "--plan.formation_steps=[900]",
+              "--plan.num_completions=3"))
+    out = chain["root"] / "counterfactual"
+    formation = json.loads((out / "feature_formation.json").read_text())
+    saved = torch.load(chain["root"] / "report" / "chosen_scores.pt", weights_only=False)
+    first_report_target = saved["target_ids"][int(saved["report"][0])]
+    assert [(r["target_id"], r["step"]) for r in formation] == [(first_report_target, 900)]
+    # num_completions also keys the removal results: they are measured again with 3 completions (+ 1 reference)
+    assert sorted(sampled) == sorted([(900, 3)] + [(500, 3)] * 3)
+    sampled.clear()
+    run(_args(chain, "counterfactual", "--plan.formation_targets=0"))  # no pass; the 4-completion results reused
+    assert sampled == [] and not (out / "feature_formation.json").exists() and (out / "counterfactual.json").exists()
+    with pytest.raises(ValueError, match="plan.formation_steps"):
+        run(_args(chain, "counterfactual", "--plan.formation_steps=[700]"))
+    with pytest.raises(ValueError, match="plan.formation_targets"):
+        LDSPlan(formation_targets=-1)
 
 
 def test_plan_is_validated_before_any_work(tmp_path):
@@ -230,3 +318,101 @@ def test_extra_feature_folders_are_compared_like_trak(chain):
         assert math.isfinite(by[("trak@layerwise", t)]["lds_mean"])
     with pytest.raises(ValueError, match="extra_features"):
         LDSPlan(methods=["trak@dense"])
+
+
+def _method_inputs(chain):
+    from attribution.store import open_feature_stores
+    from evaluation.methods import dataset_images
+
+    plan = LDSPlan(**yaml.safe_load(open(chain["plan"])))
+    targets = load_targets(plan.targets)
+    steps = evaluated_steps(targets, plan.steps)
+    stores = open_feature_stores(plan.features, "plan.features")
+    data = small_data(chain["tmp"], n=60)
+    masks = torch.rand(4, 60, generator=torch.Generator().manual_seed(0)) > 0.5
+    return plan, targets, steps, stores, data, dataset_images(data), masks
+
+
+def test_dual_estimator_equals_trak_at_the_same_absolute_ridge(chain, tmp_path):
+    """``dual`` (N x N Gram solve, ridge r * trace / N) equals ``trak`` (d x d solve, ridge r' * trace / d) when
+    r' = r d / N: two computations of one estimator, the primal one in float32."""
+    from evaluation.methods import method_scores
+
+    plan, targets, steps, stores, data, images, masks = _method_inputs(chain)
+    N, d = stores[0].N, stores[0].d
+    r = 0.5
+    dual = method_scores("dual", plan, stores, targets, steps, images, None, tmp_path, masks, lambdas=[r])
+    trak = method_scores("trak", plan, stores, targets, steps, images, None, tmp_path, masks, lambdas=[r * d / N])
+    first = torch.zeros(len(steps), dtype=torch.long)
+    a, b = dual.at(first).double(), trak.at(first).double()
+    trak.close()
+    # float32 solve: error <= eps * cond(K + lambda I) * d relative to the largest score
+    eigen = [torch.linalg.eigvalsh(s.read(0, N, torch.float64).T @ s.read(0, N, torch.float64)) for s in stores]
+    cond = max(float((e.max() + r * e.sum() / N) / (e.clamp(min=0).min() + r * e.sum() / N)) for e in eigen)
+    tol = torch.finfo(torch.float32).eps * cond * d * float(b.abs().max())
+    torch.testing.assert_close(a, b, rtol=0, atol=tol)
+    assert dual.predictions.shape == (1, 4, 4, len(steps))
+
+
+def test_ekfac_method_equals_the_ekfac_api_on_the_same_checkpoint(chain, tmp_path):
+    """The report's ``ekfac_1ckpt`` / ``kfac_1ckpt`` scores are attribution.ekfac's scores of the last checkpoint
+    (training rows in index order, the store's training-side draws, the step output at x0_hat_t)."""
+    from attribution import StepOutput
+    from attribution.ekfac import ekfac_gradients, ekfac_scores, fit_ekfac
+    from evaluation.methods import method_scores, store_denoiser, store_train_output, target_inputs
+    from lightning_modules.loading import load_diffusion_module
+
+    plan, targets, steps, stores, data, images, masks = _method_inputs(chain)
+    store = stores[-1]
+    module = load_diffusion_module(store.meta["checkpoint"]["file"])
+    task, model = module.attribution_task(), store_denoiser(module, store).eval()
+    batch = next(iter(data.featurize_dataloader(list(range(60)), batch_size=60)))
+    x0, keys, cond = module.attribution_inputs(batch)
+    rows = [(x0, keys)]                                       # one batch: other chunking than the report's
+    estimate, tkeys, tcond, t = target_inputs(task, model, targets, steps)
+    for strategy in ("ekfac", "kfac"):
+        got = method_scores(f"{strategy}_1ckpt", plan, stores, targets, steps, images, None, tmp_path, masks,
+                            datamodule=data, lambdas=[0.1])
+        factors = fit_ekfac(task, model, store_train_output(store), rows, strategy=strategy)
+        output = StepOutput(plan.num_draws, plan.draw_seed)
+        with torch.enable_grad():
+            grads = ekfac_gradients(task, model, output, factors, estimate, tkeys, steps=t)
+            want = ekfac_scores(factors, task, model, store_train_output(store), rows, grads, 0.1,
+                                strategy=strategy, dtype=torch.float64)
+        want = want.reshape(60, len(targets), len(steps))
+        scale = float(want.abs().max())
+        torch.testing.assert_close(got.at(torch.zeros(len(steps), dtype=torch.long)).double(), want, rtol=0,
+                                   atol=1e-4 * scale)   # float32 gradients summed over p = 1e4 parameters
+        assert got.cost["featurize_s_per_1000"] > 0
+
+
+def test_comparison_table_and_grid_edges(chain):
+    """comparison.csv: one row per method with the mean over steps, paired differences against trak and pixel,
+    the ratio to trak and the featurize cost; a ridge chosen at a grid edge is flagged, and extend_grid adds a
+    value a factor 10 past that edge before the report is written."""
+    run(_args(chain, "lds_report", '--plan.methods=["trak", "dual", "kfac_1ckpt", "pixel"]',
+              "--plan.relative_lambdas=[0.1, 1.0]"))
+    out = chain["root"] / "report"
+    def number(v):  # the JSON tables write NaN as null
+        return math.nan if v is None else v
+
+    rows = {r["method"]: {k: number(v) for k, v in r.items()} for r in json.loads((out / "comparison.json").read_text())}
+    assert list(rows) == ["trak", "dual", "kfac_1ckpt", "pixel"]
+    lds = json.loads((out / "lds.json").read_text())
+    for method, row in rows.items():
+        per_step = [r["lds_mean"] for r in lds if r["method"] == method]
+        assert row["lds_mean_over_steps"] == pytest.approx(float(np.mean(per_step)), abs=1e-12)
+        assert math.isfinite(row["lds_mean_se"]) and math.isfinite(row["featurize_s_per_1000"]) or method == "pixel"
+    assert rows["trak"]["ratio_to_trak"] == pytest.approx(1.0) and math.isnan(rows["trak"]["minus_trak"])
+    assert rows["dual"]["minus_trak"] == pytest.approx(rows["dual"]["lds_mean_over_steps"]
+                                                       - rows["trak"]["lds_mean_over_steps"], abs=1e-12)
+    assert all(r["lambda_at_grid_edge"] for r in lds if r.get("lambda") is not None)        # 2 values: every choice is an edge
+    assert all(math.isfinite(number(r["ceiling_se"])) for r in lds)
+    first = {r["method"]: r["lambda"] for r in lds if r.get("lambda") is not None}
+    assert set(first) == {"trak", "dual", "kfac_1ckpt"}
+    run(_args(chain, "lds_report", '--plan.methods=["trak", "dual", "kfac_1ckpt", "pixel"]',
+              "--plan.relative_lambdas=[0.1, 1.0]", "--plan.extend_grid=1"))
+    sweep = json.loads((out / "lambda_sweep.json").read_text())
+    for method, lam in first.items():
+        grid = sorted({r["lambda"] for r in sweep if r["method"] == method})
+        assert grid == ([0.01, 0.1, 1.0] if lam == 0.1 else [0.1, 1.0, 10.0])

@@ -226,3 +226,80 @@ def test_devices_and_launcher_settings_are_checked_before_any_work(monkeypatch):
             LDSPlan(**bad)
     assert LDSPlan(runner="inprocess").launch_with == "inprocess" and LDSPlan().launch_with == "local"
     assert LDSPlan(runner="inprocess", launcher="slurm").launch_with == "slurm"
+
+
+class _Target:
+    """What the outputs' cache key reads of a target (its id)."""
+
+    def __init__(self, target_id: int) -> None:
+        self.target_id = target_id
+
+
+def competing_outputs(job, plan, targets, steps) -> None:
+    """A stand-in for evaluating a model: logs the call (name, pid), waits for a second worker, writes the cache."""
+    log = plan.root / "outputs.log"
+    with open(log, "a") as f:
+        f.write(f"{job.name} {os.getpid()}\n")
+    deadline = time.monotonic() + 120
+    while len(log.read_text().splitlines()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    torch.save({"outputs": torch.zeros(len(targets), len(steps))}, job.cache)
+
+
+def quick_outputs(job, plan, targets, steps) -> None:
+    torch.save({"outputs": torch.zeros(len(targets), len(steps))}, job.cache)
+
+
+def test_two_lds_outputs_at_once_through_the_local_executor_evaluate_each_model_once(tmp_path, by_value):
+    """lds_outputs runs on the same launcher as the fits: the models' evaluations are claimed, so two
+    invocations at once (each with 2 local submitit workers) evaluate every finished model exactly once."""
+    from evaluation.outputs import evaluate_outputs, output_jobs
+
+    plan = _plan(tmp_path, launcher="local", workers=2)
+    for j in range(4):
+        folder = plan.model_dir(j, 0)
+        folder.mkdir(parents=True)
+        (folder / DONE).write_text(json.dumps({"checkpoint": "unused.ckpt"}))
+    targets, steps = [_Target(0), _Target(3)], [500]
+    assert len(output_jobs(plan, targets, steps)) == 4
+    results, errors = {}, []
+
+    def invocation(key):
+        try:
+            results[key] = evaluate_outputs(plan, targets, steps, evaluate=competing_outputs)
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=invocation, args=(key,)) for key in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not errors and set(results) == {"a", "b"}
+    calls = [line.split() for line in (tmp_path / "outputs.log").read_text().splitlines()]
+    names = sorted(f"mask_00{j}_seed_0" for j in range(4))
+    assert sorted(name for name, _ in calls) == names                       # every model evaluated exactly once
+    assert all(pid != str(os.getpid()) for _, pid in calls)                  # by the submitit workers
+    assert sorted(results["a"]["evaluated"] + results["b"]["evaluated"]) == names
+    assert output_jobs(plan, targets, steps) == [] and not list(tmp_path.rglob("*.claim"))
+    assert evaluate_outputs(plan, targets, steps, evaluate=competing_outputs)["evaluated"] == []
+
+
+def test_lds_outputs_slurm_array_specification(tmp_path, monkeypatch, by_value):
+    """On SLURM, lds_outputs submits one array task per unevaluated model (the plan's sbatch flags) and returns."""
+    from evaluation.outputs import evaluate_outputs
+
+    script = _fake_slurm(tmp_path, monkeypatch)
+    plan = _plan(tmp_path / "sweep", launcher="slurm", gpus_per_job=1, slurm_partition="gpu")
+    for j in range(3):
+        plan.model_dir(j, 0).mkdir(parents=True)
+        (plan.model_dir(j, 0) / DONE).write_text(json.dumps({"checkpoint": "unused.ckpt"}))
+    assert evaluate_outputs(plan, [_Target(1)], [500], evaluate=quick_outputs) == {"evaluated": [], "submitted": 3}
+    flags = {line.split("=", 1)[0]: line.split("=", 1)[1] for line in script.read_text().splitlines()
+             if line.startswith("#SBATCH --")}
+    assert flags["#SBATCH --array"] == "0-2%3" and flags["#SBATCH --partition"] == "gpu"
+    task = DelayedSubmission.load(tmp_path / "sweep" / "launcher" / "outputs" / "4242_2" / "4242_2_submitted.pkl")
+    assert task.function.__name__ == "outputs_work" and task.args[0][0].name == "mask_002_seed_0"
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.setenv(name, os.environ.get(name, "1"))
+    assert task.result() == ["mask_002_seed_0"] and task.args[0][0].done   # the task claims and evaluates its model

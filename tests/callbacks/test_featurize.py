@@ -223,3 +223,38 @@ def test_layerwise_projector_through_the_featurizer_and_scoring(tmp_path):
         scoring.attach_data(dm), return_predictions=False)
     scores = torch.load(tmp_path / "scores" / "target_0000.pt", weights_only=False)["scores"]
     assert scores.shape == (120, 2) and torch.isfinite(scores).all() and scores.abs().sum() > 0
+
+
+def test_identity_projection_stores_the_whole_gradient_with_the_gram_kernel_and_the_cost(tmp_path, monkeypatch):
+    """projector=identity: d = p whatever proj_dim, rows equal the unprojected per-example gradients (the core
+    with an identity projector), the store is finalized with the N x N Gram kernel when d > PRIMAL_MAX_DIM, and
+    cost.json records the rows featurized by the runs that finished."""
+    import attribution.scoring as scoring
+    from attribution.dual import load_gram
+    from attribution.featurize import read_cost
+    from attribution.gradients import num_parameters
+    from attribution.projectors import make_projector
+
+    dm, module = small_data(tmp_path), tiny_module().eval()
+    p = num_parameters(module.unet)
+    monkeypatch.setattr(scoring, "PRIMAL_MAX_DIM", p - 1)
+    settings = FeaturizeSettings(proj_dim=7, num_draws=2, batch_size=64, projector="identity")
+    featurizer = CheckpointFeaturizer(settings)
+    ident, info = data_identity(dm), {"global_step": 0}
+    with pytest.raises(KeyboardInterrupt):
+        featurizer.run(module, FailAfter(dm, 1, KeyboardInterrupt), ident, tmp_path / "s", info, progress=False)
+    loader = lambda rows: dm.featurize_dataloader(rows.tolist(), batch_size=32)
+    store, stats = featurizer.run(module, loader, ident, tmp_path / "s", info, progress=False)
+    assert store.d == p and store.meta["projector"]["kind"] == "identity"
+    # the killed run recorded no cost (rows and seconds both uncounted, so the rate stays right)
+    assert read_cost(store)["rows"] == stats["rows"] == 120 - 16 and read_cost(store)["seconds"] > 0
+    rows = torch.tensor([5, 77])
+    x0 = torch.stack([dm.full_dataset()[int(i)]["image"] for i in rows])
+    ref = featurize_batch(module.attribution_task(), module.unet, settings.train_output(),
+                          make_projector("identity", p, p, 0), x0, rows)
+    torch.testing.assert_close(store.read()[rows], ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
+    kernel = load_gram(store)
+    full = store.read().double()
+    torch.testing.assert_close(kernel.gram, full @ full.T, rtol=1e-10, atol=0)
+    with pytest.raises(Exception, match="unprojected features"):
+        load_kernel(store)

@@ -1,6 +1,7 @@
 """The counterfactual-evaluation subcommands of ``cli.py`` (mixed into ``AttributionTrainer``).
 
     cli.py lds_train       --config configs/lds_digits.yaml --plan configs/lds/digits.yaml [--mask_start 0 --mask_stop 8]
+    cli.py lds_featurize   --config configs/lds_digits.yaml --plan configs/lds/digits.yaml
     cli.py lds_outputs     --config configs/lds_digits.yaml --plan configs/lds/digits.yaml
     cli.py lds_report      --config configs/lds_digits.yaml --plan configs/lds/digits.yaml
     cli.py counterfactual  --config configs/lds_digits.yaml --plan configs/lds/digits.yaml
@@ -13,7 +14,9 @@ outputs), ``methods`` + ``report`` (scores and LDS) and ``counterfactual``.
 from __future__ import annotations
 
 import json
+import os
 import time
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -31,11 +34,12 @@ from evaluation.methods import dataset_classifier, dataset_images, method_scores
 from evaluation.outputs import averaged_outputs, collect_outputs, evaluate_outputs, evaluated_steps, replicate_block
 from evaluation.plan import LDSPlan
 from evaluation.report import build_report, chosen_scores, edge_methods, extended_grid, masks_matrix, write_report
-from evaluation.sweep import FitJob, done_record, run_jobs, sweep_jobs
+from evaluation.sweep import FitJob, done_record, featurize_model, featurize_tasks, run_jobs, run_tasks, sweep_jobs
 from lightning_modules.loading import load_diffusion_module
 
 LDS_SUBCOMMANDS: dict[str, set[str]] = {
     "lds_train": {"model", "datamodule"},
+    "lds_featurize": {"model", "datamodule"},
     "lds_outputs": {"model", "datamodule"},
     "lds_report": {"model", "datamodule"},
     "counterfactual": {"model", "datamodule"},
@@ -72,6 +76,26 @@ class LDSCommands:
                        f"[{mask_start}, {mask_stop or plan.num_masks}) finished")
         _append_log(plan.root / "train_times.jsonl", trained)
         return trained
+
+    def lds_featurize(self, model: LightningModule, datamodule: LightningDataModule, plan: LDSPlan,
+                      mask_start: int = 0, mask_stop: Optional[int] = None) -> list[str]:
+        """Featurize the final checkpoint of every finished subset model into ``models/<job>/features`` with
+        `cli.py featurize` (flags: ``plan.featurize_args``), through ``plan.launcher`` like the fits: each model
+        claimed first, finished stores skipped, a killed store resumed by the next run.
+
+        Args:
+            plan: the evaluation plan (models, launcher, workers, featurize_args).
+            mask_start: first mask index of this invocation.
+            mask_stop: one past the last (None: all).
+        """
+        tasks = featurize_tasks(plan, range(mask_start, mask_stop or plan.num_masks))
+        result = run_tasks(tasks, plan, partial(featurize_model, plan=plan, cwd=os.getcwd()), "featurize")
+        if result["submitted"]:
+            rank_zero_info(f"lds_featurize: {result['submitted']} models submitted to SLURM as one job array "
+                           f"({plan.root / 'launcher' / 'featurize'}); rerun once it has finished")
+        rank_zero_info(f"lds_featurize: {len(result['done'])} models featurized now; "
+                       f"{sum(t.done for t in tasks)} of {len(tasks)} finished models have their store")
+        return result["done"]
 
     def lds_outputs(self, model: LightningModule, datamodule: LightningDataModule, plan: LDSPlan,
                     mask_start: int = 0, mask_stop: Optional[int] = None) -> Path:

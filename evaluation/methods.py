@@ -276,7 +276,8 @@ def method_scores(method: str, plan: LDSPlan, stores, targets: Sequence[Trajecto
                     raise ValueError(f"Method {method!r}: stores {wide} hold unprojected features (d > "
                                      f"{PRIMAL_MAX_DIM}); use the exact estimator dual{method[4:]} on them")
                 result = trak_scores(use, grads, lambdas, B, S, masks, cache_dir)
-        result.cost.update(featurize_cost(use))
+        if spec.estimator not in ("ekfac", "kfac"):  # EK-FAC reads only the stores' checkpoints: its own cost
+            result.cost.update(featurize_cost(use))
         result.cost.setdefault("score_seconds", time.perf_counter() - start)
         return result
     x0 = recorded_at(targets, steps, "x0_hat")

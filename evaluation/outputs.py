@@ -10,22 +10,18 @@ local submitit workers, or a SLURM job array), each claimed first so no two work
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-import submitit
 import torch
-from tqdm.auto import tqdm
 
 from attribution import StepOutput
 from attribution.ema import resolve_denoiser
-from attribution.atomic import atomic_torch_save, atomic_write_json
+from attribution.atomic import atomic_torch_save
 from attribution.trajectory import Trajectory, recorded_at
 from evaluation.plan import LDSPlan, settings_hash
-from evaluation.sweep import (Heartbeat, done_record, local_devices, pin_worker, release_claim, slurm_parameters,
-                              try_claim, worker_setup)
+from evaluation.sweep import ModelTask, done_record, run_tasks
 
 
 def evaluated_steps(targets: Sequence[Trajectory], steps: Optional[Sequence[int]]) -> list[int]:
@@ -81,108 +77,38 @@ def output_key(plan: LDSPlan, targets: Sequence[Trajectory], steps: Sequence[int
     return settings_hash({**plan.output_settings(), "steps": list(steps), "targets_ids": [t.target_id for t in targets]})
 
 
-@dataclass
-class OutputJob:
-    """The outputs of one finished subset model to evaluate: done when its cache file exists; claimed through
-    ``<cache>.claim`` exactly like a fit (:func:`evaluation.sweep.try_claim`), so two invocations at once never
-    evaluate one model twice."""
-
-    name: str
-    folder: Path
-    cache: Path
-
-    @property
-    def done(self) -> bool:
-        return self.cache.exists()
-
-    @property
-    def claim_file(self) -> Path:
-        return self.cache.with_suffix(".claim")
-
-
 def output_jobs(plan: LDSPlan, targets: Sequence[Trajectory], steps: Sequence[int],
-                mask_range: Optional[range] = None) -> list[OutputJob]:
-    """One job per finished subset model in ``mask_range`` (all masks by default) whose outputs are not cached."""
+                mask_range: Optional[range] = None) -> list[ModelTask]:
+    """One task per finished subset model in ``mask_range`` (all masks by default) whose outputs are not cached:
+    its result is the cache file, its claim ``<cache>.claim``."""
     key = output_key(plan, targets, steps)
     jobs = []
     for j in mask_range or range(plan.num_masks):
         for r in range(plan.seeds_for(j)):
             folder = plan.model_dir(j, r)
             if done_record(folder) is not None:
-                jobs.append(OutputJob(folder.name, folder, folder / f"outputs_{key}.pt"))
+                cache = folder / f"outputs_{key}.pt"
+                jobs.append(ModelTask(folder.name, folder, cache, cache.with_suffix(".claim")))
     return [job for job in jobs if not job.done]
 
 
-EvaluateFn = Callable[[OutputJob, LDSPlan, Sequence[Trajectory], Sequence[int]], None]
-"""Evaluates one claimed job and writes its cache file (default :func:`evaluate_model`)."""
+EvaluateFn = Callable[[ModelTask, LDSPlan, Sequence[Trajectory], Sequence[int]], None]
+"""Evaluates one claimed model and writes its cache file (default :func:`evaluate_model`)."""
 
 
-def evaluate_model(job: OutputJob, plan: LDSPlan, targets: Sequence[Trajectory], steps: Sequence[int]) -> None:
+def evaluate_model(job: ModelTask, plan: LDSPlan, targets: Sequence[Trajectory], steps: Sequence[int]) -> None:
     model_outputs(job.folder, targets, steps, plan)
-
-
-def evaluate_claimed(job: OutputJob, plan: LDSPlan, targets: Sequence[Trajectory], steps: Sequence[int],
-                     evaluate: Optional[EvaluateFn] = None) -> bool:
-    """Claim ``job`` and evaluate (and cache) its model's outputs; False when done or held by a live worker."""
-    stale_s = 60.0 * plan.claim_stale_min
-    token = try_claim(job, stale_s)
-    if token is None:
-        return False
-    try:
-        with Heartbeat(job, token, stale_s / 4):
-            (evaluate or evaluate_model)(job, plan, targets, steps)
-    finally:
-        release_claim(job, token)
-    return True
-
-
-def outputs_work(jobs: Sequence[OutputJob], plan: LDSPlan, targets: Sequence[Trajectory], steps: Sequence[int],
-                 devices: Optional[str], evaluate: Optional[EvaluateFn] = None) -> list[str]:
-    """One worker of ``lds_outputs``: pinned to ``devices`` and ``plan.threads_per_worker`` threads, it claims and
-    evaluates ``jobs`` in order (those done or held by another worker are skipped); returns the names it did."""
-    pin_worker(devices, plan.threads_per_worker)
-    return [job.name for job in jobs if evaluate_claimed(job, plan, targets, steps, evaluate)]
 
 
 def evaluate_outputs(plan: LDSPlan, targets: Sequence[Trajectory], steps: Sequence[int],
                      mask_range: Optional[range] = None, progress: bool = True,
                      evaluate: Optional[EvaluateFn] = None) -> dict:
-    """Evaluate the outputs of every finished, uncached subset model through ``plan.launcher``: this process
-    (``inprocess``), ``plan.workers`` submitit workers on this machine (``local``; each pinned like a fit's
-    worker), or one SLURM job array over the models (``slurm``: submits and returns; rerun once it has
-    finished). Returns ``{"evaluated": names evaluated by this call, "submitted": SLURM tasks}``."""
-    pending = output_jobs(plan, targets, steps, mask_range)
-    if not pending:
-        return {"evaluated": [], "submitted": 0}
-    launcher = plan.launch_with
-    if launcher == "inprocess":
-        done = []
-        for job in tqdm(pending, desc="lds_outputs", unit="model", disable=not progress):
-            if evaluate_claimed(job, plan, targets, steps, evaluate):
-                done.append(job.name)
-        return {"evaluated": done, "submitted": 0}
-    folder = plan.root / "launcher" / "outputs"
-    if launcher == "local":
-        workers = min(plan.workers, len(pending))
-        devices = local_devices(workers, plan.gpus_per_job)
-        executor = submitit.LocalExecutor(folder=folder / "%j")
-        executor.update_parameters(timeout_min=plan.timeout_min, setup=worker_setup())
-        submitted = [executor.submit(outputs_work, pending, plan, targets, steps, devices[k], evaluate) for k in range(workers)]
-        try:
-            done = [name for job in submitted for name in job.result()]
-        except KeyboardInterrupt:
-            for job in submitted:
-                job.cancel(check=False)
-            raise
-        return {"evaluated": done, "submitted": 0}
-    executor = submitit.SlurmExecutor(folder=folder / "%j")
-    executor.update_parameters(**slurm_parameters(plan))
-    n = len(pending)
-    tasks = executor.map_array(outputs_work, [[job] for job in pending], [plan] * n, [targets] * n, [steps] * n,
-                               [None] * n, [evaluate] * n)
-    atomic_write_json(folder / f"slurm_{tasks[0].job_id.split('_')[0]}.json",
-                      {"jobs": {t.job_id: job.name for t, job in zip(tasks, pending)}, "submitted": time.time()})
-    return {"evaluated": [], "submitted": len(tasks)}
+    """Evaluate the outputs of every finished, uncached subset model through ``plan.launcher``
+    (:func:`evaluation.sweep.run_tasks`: this process, local submitit workers, or one SLURM array task per
+    model, which submits and returns). Returns ``{"evaluated": names evaluated by this call, "submitted": n}``."""
+    fn = partial(evaluate or evaluate_model, plan=plan, targets=list(targets), steps=list(steps))
+    result = run_tasks(output_jobs(plan, targets, steps, mask_range), plan, fn, "outputs", progress)
+    return {"evaluated": result["done"], "submitted": result["submitted"]}
 
 
 def collect_outputs(plan: LDSPlan, targets: Sequence[Trajectory], steps: Sequence[int],

@@ -71,6 +71,8 @@ class LDSPlan:
         out_dir: root folder of everything the workflow writes.
         fit_config: config files of `cli.py fit` for every subset model (the same fit a user runs).
         fit_args: extra `cli.py fit` flags for every subset model (e.g. "--trainer.max_steps=500").
+        featurize_args: extra `cli.py featurize` flags of ``lds_featurize`` (each subset model's final checkpoint
+            into ``models/<job>/features``), e.g. "--settings.proj_dim=2048".
         num_masks: J, the number of random subsets.
         mask_seed: seed of the masks (mask j depends only on (mask_seed, j)).
         fraction: probability that an example is in a subset.
@@ -149,6 +151,7 @@ class LDSPlan:
     out_dir: str = "runs/lds_digits"
     fit_config: list[str] = field(default_factory=lambda: ["configs/lds_digits.yaml"])
     fit_args: list[str] = field(default_factory=list)
+    featurize_args: list[str] = field(default_factory=list)
     num_masks: int = 32
     mask_seed: int = 0
     fraction: float = 0.5

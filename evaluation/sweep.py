@@ -464,6 +464,131 @@ def _submit_slurm(pending: list[FitJob], settings: FitSettings, plan: LDSPlan, t
     return jobs
 
 
+# ----------------------------------------------------------------------------- work on finished models
+@dataclass
+class ModelTask:
+    """Work on one finished model whose product is one file (its outputs, its feature store): done when
+    ``result`` exists, claimed through ``claim`` exactly like a fit (:func:`try_claim`), so several invocations,
+    workers or machines at once never do one task twice."""
+
+    name: str
+    folder: Path
+    result: Path
+    claim: Path
+
+    @property
+    def done(self) -> bool:
+        return self.result.exists()
+
+    @property
+    def claim_file(self) -> Path:
+        return self.claim
+
+
+TaskFn = Callable[[ModelTask], None]
+"""Does one claimed task; it must create ``task.result`` (written atomically) when it succeeds."""
+
+
+def run_claimed(task: ModelTask, fn: TaskFn, stale_s: float) -> bool:
+    """Claim ``task`` and run ``fn`` on it; False when it is done or held by a live worker."""
+    token = try_claim(task, stale_s)
+    if token is None:
+        return False
+    try:
+        with Heartbeat(task, token, stale_s / 4):
+            fn(task)
+        if not task.done:
+            raise RuntimeError(f"Expected {task.name} to produce {task.result}, but it did not")
+    finally:
+        release_claim(task, token)
+    return True
+
+
+def task_work(tasks: Sequence[ModelTask], fn: TaskFn, devices: Optional[str], threads: int,
+              stale_s: float) -> list[str]:
+    """One worker: pinned to ``devices`` and ``threads``, it claims and runs ``tasks`` in order (those done or held
+    by another worker are skipped); returns the names it ran."""
+    pin_worker(devices, threads)
+    return [task.name for task in tasks if run_claimed(task, fn, stale_s)]
+
+
+def run_tasks(tasks: Sequence[ModelTask], plan: LDSPlan, fn: TaskFn, what: str, progress: bool = True) -> dict:
+    """Run the unfinished ``tasks`` through ``plan.launcher``, like the fits: this process (``inprocess``),
+    ``plan.workers`` pinned submitit workers on this machine (``local``), or one SLURM array task per task
+    (``slurm``: submits and returns; rerun once it has finished). ``fn`` must be picklable (a module-level
+    function or a ``functools.partial`` of one). Returns ``{"done": names run by this call, "submitted": n}``."""
+    pending = [task for task in tasks if not task.done]
+    stale_s = 60.0 * plan.claim_stale_min
+    log.info("%s: %d of %d to do", what, len(pending), len(tasks))
+    if not pending:
+        return {"done": [], "submitted": 0}
+    if plan.launch_with == "inprocess":
+        from tqdm.auto import tqdm
+
+        done = [task.name for task in tqdm(pending, desc=what, unit="model", disable=not progress)
+                if run_claimed(task, fn, stale_s)]
+        return {"done": done, "submitted": 0}
+    folder = plan.root / "launcher" / what
+    if plan.launch_with == "local":
+        workers = min(plan.workers, len(pending))
+        devices = local_devices(workers, plan.gpus_per_job)
+        executor = submitit.LocalExecutor(folder=folder / "%j")
+        executor.update_parameters(timeout_min=plan.timeout_min, setup=worker_setup())
+        submitted = [executor.submit(task_work, pending, fn, devices[k], plan.threads_per_worker, stale_s)
+                     for k in range(workers)]
+        try:
+            return {"done": [name for job in submitted for name in job.result()], "submitted": 0}
+        except KeyboardInterrupt:
+            for job in submitted:
+                job.cancel(check=False)
+            raise
+    executor = submitit.SlurmExecutor(folder=folder / "%j")
+    executor.update_parameters(**slurm_parameters(plan))
+    n = len(pending)
+    jobs = executor.map_array(task_work, [[task] for task in pending], [fn] * n, [None] * n,
+                              [plan.threads_per_worker] * n, [stale_s] * n)
+    array = jobs[0].job_id.split("_")[0]
+    atomic_write_json(folder / f"slurm_{array}.json", {"array": array, "submitted": time.time(),
+                                                        "jobs": {j.job_id: t.name for j, t in zip(jobs, pending)}})
+    log.info("%s: submitted %d tasks as SLURM array %s (logs in %s)", what, n, array, folder)
+    return {"done": [], "submitted": n}
+
+
+def featurize_tasks(plan: LDSPlan, mask_range: Optional[range] = None) -> list[ModelTask]:
+    """One task per finished subset model: featurize its final checkpoint into ``<model>/features/<stem>``."""
+    tasks = []
+    for j in mask_range or range(plan.num_masks):
+        for r in range(plan.seeds_for(j)):
+            folder = plan.model_dir(j, r)
+            record = done_record(folder)
+            if record is not None:
+                store = folder / "features" / Path(record["checkpoint"]).stem
+                tasks.append(ModelTask(folder.name, folder, store / "kernel.json", folder / "features.claim"))
+    return tasks
+
+
+def featurize_arguments(record: dict, folder: Path, plan: LDSPlan) -> list[str]:
+    """The `cli.py featurize` command line of a subset model's final checkpoint (without interpreter and script)."""
+    args = ["featurize"]
+    for config in plan.fit_config:
+        args += ["--config", str(config)]
+    return args + ["--checkpoints", str(record["checkpoint"]), "--out_dir", str(Path(folder) / "features"),
+                   f"--trainer.default_root_dir={folder}", "--trainer.logger=false",
+                   "--trainer.enable_progress_bar=false", *plan.featurize_args]
+
+
+def featurize_model(task: ModelTask, plan: LDSPlan, cwd: str) -> None:
+    """`python cli.py featurize` of the task's model (a subprocess; its log in ``<model>/featurize.log``)."""
+    args = featurize_arguments(done_record(task.folder), task.folder, plan)
+    threads = str(plan.threads_per_worker)
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "HF_HUB_OFFLINE": "1"}
+    with open(task.folder / "featurize.log", "w") as logfile:
+        code = subprocess.call([sys.executable, str(ROOT / "cli.py"), *args], cwd=cwd, env=env, stdout=logfile,
+                               stderr=subprocess.STDOUT)
+    if code != 0:
+        raise RuntimeError(f"`cli.py {' '.join(args)}` exited with {code}; see {task.folder / 'featurize.log'}")
+
+
 def run_jobs(jobs: Sequence[FitJob], plan: LDSPlan, max_models: Optional[int] = None,
              train: Optional[TrainFn] = None) -> list[dict]:
     """Train the unfinished jobs (at most ``max_models`` of them) through ``plan.launcher``.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 import math
 import os
 import shutil
@@ -416,3 +417,24 @@ def test_comparison_table_and_grid_edges(chain):
     for method, lam in first.items():
         grid = sorted({r["lambda"] for r in sweep if r["method"] == method})
         assert grid == ([0.01, 0.1, 1.0] if lam == 0.1 else [0.1, 1.0, 10.0])
+
+
+def test_lds_featurize_stores_each_subset_models_final_checkpoint_once(chain):
+    """lds_featurize: `cli.py featurize` of every finished subset model's final checkpoint (the plan's flags),
+    claimed through the launcher's machinery; a second run finds every store done."""
+    from attribution.store import open_feature_stores
+    from evaluation.sweep import done_record
+
+    args = _args(chain, "lds_featurize", "--mask_stop=1",
+                 '--plan.featurize_args=["--settings.proj_dim=8", "--settings.num_draws=1"]')
+    run(args)
+    for r in (0, 1):
+        folder = chain["root"] / "models" / f"mask_000_seed_{r}"
+        (store,) = open_feature_stores(str(folder / "features"))
+        assert store.d == 8 and store.meta["train_output"]["num_draws"] == 1
+        assert store.meta["checkpoint"]["file"] == str(Path(done_record(folder)["checkpoint"]).absolute())
+        assert not (folder / "features.claim").exists()
+    logs = {r: (chain["root"] / "models" / f"mask_000_seed_{r}" / "featurize.log").stat().st_mtime_ns for r in (0, 1)}
+    run(args)  # every store done: no featurize runs again
+    assert logs == {r: (chain["root"] / "models" / f"mask_000_seed_{r}" / "featurize.log").stat().st_mtime_ns
+                    for r in (0, 1)}

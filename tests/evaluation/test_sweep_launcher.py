@@ -243,11 +243,11 @@ def competing_outputs(job, plan, targets, steps) -> None:
     deadline = time.monotonic() + 120
     while len(log.read_text().splitlines()) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
-    torch.save({"outputs": torch.zeros(len(targets), len(steps))}, job.cache)
+    torch.save({"outputs": torch.zeros(len(targets), len(steps))}, job.result)
 
 
 def quick_outputs(job, plan, targets, steps) -> None:
-    torch.save({"outputs": torch.zeros(len(targets), len(steps))}, job.cache)
+    torch.save({"outputs": torch.zeros(len(targets), len(steps))}, job.result)
 
 
 def test_two_lds_outputs_at_once_through_the_local_executor_evaluate_each_model_once(tmp_path, by_value):
@@ -299,7 +299,7 @@ def test_lds_outputs_slurm_array_specification(tmp_path, monkeypatch, by_value):
              if line.startswith("#SBATCH --")}
     assert flags["#SBATCH --array"] == "0-2%3" and flags["#SBATCH --partition"] == "gpu"
     task = DelayedSubmission.load(tmp_path / "sweep" / "launcher" / "outputs" / "4242_2" / "4242_2_submitted.pkl")
-    assert task.function.__name__ == "outputs_work" and task.args[0][0].name == "mask_002_seed_0"
+    assert task.function.__name__ == "task_work" and task.args[0][0].name == "mask_002_seed_0"
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         monkeypatch.setenv(name, os.environ.get(name, "1"))
     assert task.result() == ["mask_002_seed_0"] and task.args[0][0].done   # the task claims and evaluates its model

@@ -37,14 +37,19 @@ if [ ! -f "$OUT/full/done" ]; then
   touch "$OUT/full/done"
 fi
 FINAL=$(ls "$OUT"/full/version_*/checkpoints/step*.ckpt | sort | tail -1)
+# plan.features: the paper's TRAK (Eq. 3, training-side loss); features_square: the default featurize (square)
 timed featurize $PY cli.py featurize --config "$CONFIG" --checkpoints "$(dirname "$FINAL")" --out_dir "$OUT/features" \
-  --settings.proj_dim="$PROJ_DIM" --settings.num_draws=10 --settings.batch_size=64 --trainer.logger=false \
-  --trainer.default_root_dir="$OUT/full"
+  --settings.proj_dim="$PROJ_DIM" --settings.num_draws=10 --settings.batch_size=64 --settings.output=loss \
+  --trainer.logger=false --trainer.default_root_dir="$OUT/full"
+timed featurize_square $PY cli.py featurize --config "$CONFIG" --checkpoints "$(dirname "$FINAL")" \
+  --out_dir "$OUT/features_square" --settings.proj_dim="$PROJ_DIM" --settings.num_draws=10 --settings.batch_size=64 \
+  --settings.output=square --trainer.logger=false --trainer.default_root_dir="$OUT/full"
 # The last checkpoint again with the layerwise and the dense Gaussian projector (same d and K): methods
 # trak@layerwise and trak@gaussian of the plan, compared with trak_1ckpt (sparse JL, same checkpoint).
 for proj in layerwise gaussian; do
   timed "featurize_$proj" $PY cli.py featurize --config "$CONFIG" --checkpoints "$FINAL" --out_dir "$OUT/features_$proj" \
     --settings.proj_dim="$PROJ_DIM" --settings.num_draws=10 --settings.batch_size=64 --settings.projector=$proj \
+    --settings.output=loss \
     --trainer.logger=false --trainer.default_root_dir="$OUT/full"
 done
 if [ ! -f "$OUT/targets/targets.json" ]; then
@@ -57,7 +62,7 @@ FIT_PLAN=()
 if [ -n "$FIT_ARGS" ]; then FIT_PLAN=("--plan.fit_args=[$(echo $FIT_ARGS | sed 's/ /,/g')]"); fi
 COMMON=(--config "$CONFIG" --plan "$PLAN" --plan.out_dir="$OUT" --plan.features="$OUT/features"
         --plan.targets="$OUT/targets" "${FIT_PLAN[@]}" $PLAN_ARGS --trainer.logger=false
-        "--plan.extra_features={\"layerwise\": \"$OUT/features_layerwise\", \"gaussian\": \"$OUT/features_gaussian\"}")
+        "--plan.extra_features={\"square\": \"$OUT/features_square\", \"layerwise\": \"$OUT/features_layerwise\", \"gaussian\": \"$OUT/features_gaussian\"}")
 timed lds_train $PY "$CLI" lds_train "${COMMON[@]}"
 timed lds_outputs $PY "$CLI" lds_outputs "${COMMON[@]}"
 timed lds_report $PY "$CLI" lds_report "${COMMON[@]}"

@@ -93,7 +93,9 @@ class AttributionModule(LightningModule):
         features: a finalized feature store folder, or a folder of them (one per checkpoint: the ensemble).
         targets: folder of recorded targets (``cli.py sample``).
         out_dir: where scores and pictures go (default: ``scores/`` beside ``targets``).
-        output: target-side function: "loss" (the paper's Eq. 3) or "square" (D-TRAK).
+        output: target-side function: "loss" (the paper's Eq. 3) or "square" (D-TRAK's squared norm of the
+            network output); None (default): the stores' training-side output ("square" for stores featurized
+            with the default ``output: square``, else "loss"), the pairing measured best on the digits LDS.
         num_draws: K', noise draws of the step output (20 in the paper).
         draw_seed: seed of those draws (per target and step).
         share_noise: share noise draws with the training side (D-TRAK); match the featurize setting.
@@ -121,7 +123,7 @@ class AttributionModule(LightningModule):
             trained on: the predicted effect of ADDING them). The written score vectors always hold all N rows.
     """
 
-    def __init__(self, features: str, targets: str, out_dir: Optional[str] = None, output: str = "loss",
+    def __init__(self, features: str, targets: str, out_dir: Optional[str] = None, output: Optional[str] = None,
                  num_draws: int = 20, draw_seed: int = 0, share_noise: bool = False, relative_lam: float = 0.1,
                  topk: int = 8, steps: Optional[list[int]] = None, target_ids: Optional[list[int]] = None,
                  patch: Optional[str] = None, pair_batch_size: int = 4, use_ema: Optional[bool] = None,
@@ -133,6 +135,7 @@ class AttributionModule(LightningModule):
         self.save_hyperparameters()
         self.out_dir = Path(out_dir) if out_dir else Path(targets).parent / "scores"
         self.stores = open_feature_stores(features)  # every store checked: sizes, complete, checksums
+        self.hparams["output"] = output or target_output_for(self.stores)
         self.members = [self._store_members(store) for store in self.stores]  # checkpoints read and checked
         self.member_mask, self.ranked_rows = ranking_rows(self.members, rank)
         self.trajectories = read_targets(targets, target_ids)
@@ -346,6 +349,13 @@ class _ResidentView:
         return self._resident.get(m)[self._i]
 
 
+def target_output_for(stores) -> str:
+    """The target-side output that pairs with the stores' training side: "square" when every store was featurized
+    with D-TRAK's square output (both sides square), else "loss" (Eq. 3)."""
+    kinds = {(store.meta.get("train_output") or {}).get("kind", "loss") for store in stores}
+    return "square" if kinds == {"square"} else "loss"
+
+
 def check_score_settings(output: str, num_draws: int, draw_seed: int, relative_lam: float, topk: int,
                          steps: Optional[list[int]], target_ids: Optional[list[int]], pair_batch_size: int,
                          pairs_per_pass: int = 1024, precision: str = "float32", members: Optional[str] = "auto",
@@ -354,8 +364,8 @@ def check_score_settings(output: str, num_draws: int, draw_seed: int, relative_l
     check_members_setting(members)
     if rank not in RANKS:
         raise SettingsError(f"Expected `rank` to be one of {', '.join(map(repr, RANKS))}, but got {rank!r}")
-    if output not in ("loss", "square"):
-        raise SettingsError(f"Expected `output` to be 'loss' or 'square', but got {output!r}")
+    if output not in (None, "loss", "square"):
+        raise SettingsError(f"Expected `output` to be 'loss', 'square' or None (the stores' own), but got {output!r}")
     if precision not in ("float32", "float64"):
         raise SettingsError(f"Expected `precision` to be 'float32' or 'float64', but got {precision!r}")
     for name, value in (("num_draws", num_draws), ("topk", topk), ("pair_batch_size", pair_batch_size),

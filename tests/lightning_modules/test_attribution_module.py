@@ -65,7 +65,8 @@ def reference_scores(root, target, step_index, mask=None):
         x_t, t = traj.x_t[step_index:step_index + 1], traj.timesteps[step_index:step_index + 1]
         with torch.no_grad():
             estimate = x0_hat(x_t, task.predict_noise(net, x_t, t), t, task.alphas_cumprod)
-        out = StepOutput(SCORE["num_draws"], 0, mask=mask)
+        paired = "square" if store.meta["train_output"]["kind"] == "square" else "loss"  # score's default output
+        out = StepOutput(SCORE["num_draws"], 0, mask=mask, kind=paired)
         g = featurize_batch(task, net, out, projector_from_meta(store.meta["projector"]), estimate,
                             torch.tensor([target]), steps=t)
         lam = SCORE["relative_lam"] * float(load_kernel(store).eigenvalues.mean())
@@ -76,6 +77,8 @@ def reference_scores(root, target, step_index, mask=None):
 def test_module_scores_equal_the_core_api_and_pictures_are_written(run):
     root, _ = run
     module = predict(run, "scores")
+    # the default featurize is D-TRAK's square output, and score pairs it with the square output on the target side
+    assert {s.meta["train_output"]["kind"] for s in module.stores} == {"square"} and module.hparams.output == "square"
     # a model trained on all N rows: members "auto" are every row, the store's own kernel, the keys of "all"
     assert all(mem.all_rows for mem in module.members) and module.ranked_rows is None
     assert not list((root / "fit" / "features").rglob("kernel_members_*"))

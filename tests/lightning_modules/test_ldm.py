@@ -191,7 +191,9 @@ def test_scores_equal_the_core_api_with_the_prompt_and_pictures_are_written(chai
         x_t, t, cond = traj.x_t[1:2], traj.timesteps[1:2], traj.cond.unsqueeze(0)
         with torch.no_grad():
             estimate = x0_hat(x_t, task.predict_noise(net, x_t, t, cond), t, task.alphas_cumprod)
-        g = featurize_batch(task, net, StepOutput(3, 0), projector_from_meta(store.meta["projector"], net), estimate,
+        paired = "square" if store.meta["train_output"]["kind"] == "square" else "loss"  # score's default output
+        g = featurize_batch(task, net, StepOutput(3, 0, kind=paired), projector_from_meta(store.meta["projector"], net),
+                            estimate,
                             torch.tensor([0]), cond=cond, steps=t)
         # the model was fit on the mask: the kernel (and its relative lambda) of the member rows only
         Phi = store.read(dtype=torch.float64)

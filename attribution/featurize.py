@@ -23,7 +23,7 @@ from attribution import (FeatureStore, checkpoint_seed, featurize_batch, finaliz
                          num_parameters)
 from attribution.layerwise import LayerwiseProjector
 from attribution.sparse_fast import HashedSparseProjector
-from attribution.outputs import TIMESTEP_SAMPLING, ModelOutput
+from attribution.outputs import TIMESTEP_SAMPLING, ModelOutput, check_timestep_range
 from attribution.projectors import Projector
 from attribution.gradients import parameter_order
 from attribution.identity import weights_hash
@@ -68,6 +68,8 @@ class FeaturizeSettings:
             "stratified" (one per equal stratum of [0, T)) or "even" (D-TRAK's fixed grid).
         normalize_draws: timestep normalization (Diffusion-ReTrac): every (example, draw) gradient scaled to
             unit (projected) norm before the draws are averaged.
+        timestep_range: ``[low, high)``: draw the training timesteps from this window only (None: ``[0, T)``);
+            step-matched features for targets scored at steps inside it (``cli.py score --steps``).
     """
 
     proj_dim: int = 2048
@@ -84,9 +86,11 @@ class FeaturizeSettings:
     use_ema: Optional[bool] = None
     timesteps: str = "uniform"
     normalize_draws: bool = False
+    timestep_range: Optional[list[int]] = None
 
     def __post_init__(self) -> None:
         check_use_ema(self.use_ema)
+        check_timestep_range(self.timestep_range)
         for name in ("proj_dim", "num_draws", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Expected `{name}` to be a positive int, but got {getattr(self, name)}")
@@ -105,7 +109,8 @@ class FeaturizeSettings:
 
     def train_output(self) -> ModelOutput:
         return make_output(f"train_{self.output}", num_draws=self.num_draws, seed=self.draw_seed,
-                           share_noise=self.share_noise, timesteps=self.timesteps)
+                           share_noise=self.share_noise, timesteps=self.timesteps,
+                           timestep_range=self.timestep_range)
 
 
 def make_settings_projector(kind: str, model: torch.nn.Module, d: int, seed: int,
@@ -163,6 +168,7 @@ class CheckpointFeaturizer:
         """Store metadata and projector for ``denoiser`` (default: :meth:`denoiser` of the module)."""
         s = self.settings
         model, used_ema = denoiser or self.denoiser(module)
+        check_timestep_range(s.timestep_range, module.attribution_task().num_train_timesteps)  # before any work
         whash = weights_hash(model, s.param_names)
         projector = make_settings_projector(s.projector, model, s.proj_dim,
                                             checkpoint_seed(s.proj_seed, int(whash[:15], 16)), s.param_names)

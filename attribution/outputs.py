@@ -214,35 +214,60 @@ class TrainLoss(ModelOutput):
     * ``"stratified"``: one uniform draw in each of K equal strata of ``[0, T)`` (every example sees the
       whole range: less variance than uniform);
     * ``"even"`` (D-TRAK): the fixed grid ``floor((k + 1/2) T / K)``, the same for every example.
+
+    ``timestep_range = (low, high)`` draws from ``[low, high)`` instead of ``[0, T)`` (the same three
+    schemes over that window): step-matched features, for targets scored at steps inside the window.
     """
 
     reduction = "mean"
 
     def __init__(self, num_draws: int = 20, seed: int = 0, kind: str = "loss", mask: Optional[Tensor] = None,
-                 share_noise: bool = False, timesteps: str = "uniform") -> None:
+                 share_noise: bool = False, timesteps: str = "uniform",
+                 timestep_range: Optional[Sequence[int]] = None) -> None:
         super().__init__(num_draws, seed, kind, mask, share_noise)
         self.timestep_sampling = _checks.one_of("timesteps", timesteps, TIMESTEP_SAMPLING)
+        self.timestep_range = check_timestep_range(timestep_range)
 
     def _timesteps(self, keys, steps, num_train_timesteps):
         if steps is not None:
             raise ValueError("Expected `steps` to be None for TrainLoss (timesteps are drawn), but got a tensor")
         T = _checks.positive_int("num_train_timesteps", num_train_timesteps)
-        K = self.num_draws
+        low, high = check_timestep_range(self.timestep_range, T) or (0, T)
+        width, K = high - low, self.num_draws
         if self.timestep_sampling == "even":
-            grid = ((torch.arange(K, dtype=torch.float64) + 0.5) * T / K).floor().long().clamp(max=T - 1)
+            grid = low + ((torch.arange(K, dtype=torch.float64) + 0.5) * width / K).floor().long().clamp(max=width - 1)
             return grid.unsqueeze(0).expand(len(keys), K).clone()
         rows = []
         for k in keys.tolist():
             g = cpu_generator(self.seed, _TIMESTEP_STREAM, k)
             if self.timestep_sampling == "uniform":
-                rows.append(torch.randint(0, T, (K,), generator=g))
+                rows.append(torch.randint(low, high, (K,), generator=g))
             else:
                 u = torch.rand(K, generator=g, dtype=torch.float64)
-                rows.append(((torch.arange(K, dtype=torch.float64) + u) * T / K).floor().long().clamp(max=T - 1))
+                rows.append(low + ((torch.arange(K, dtype=torch.float64) + u) * width / K).floor().long()
+                            .clamp(max=width - 1))
         return torch.stack(rows) if rows else torch.empty(0, K, dtype=torch.long)
 
     def describe(self) -> dict:
-        return {**super().describe(), "timesteps": self.timestep_sampling}
+        described = {**super().describe(), "timesteps": self.timestep_sampling}
+        if self.timestep_range is not None:   # absent from stores of the whole range (older stores match)
+            described["timestep_range"] = list(self.timestep_range)
+        return described
+
+
+def check_timestep_range(value: Optional[Sequence[int]], num_train_timesteps: Optional[int] = None
+                         ) -> Optional[tuple[int, int]]:
+    """``(low, high)`` with ``0 <= low < high`` (``<= T`` when ``num_train_timesteps`` is given), or None."""
+    if value is None:
+        return None
+    ok = (isinstance(value, (list, tuple)) and len(value) == 2
+          and all(isinstance(v, int) and not isinstance(v, bool) for v in value) and 0 <= value[0] < value[1])
+    if ok and num_train_timesteps is not None:
+        ok = value[1] <= num_train_timesteps
+    if not ok:
+        bound = "" if num_train_timesteps is None else f" <= T = {num_train_timesteps}"
+        raise ValueError(f"Expected `timestep_range` [low, high) of ints with 0 <= low < high{bound}, but got {value!r}")
+    return int(value[0]), int(value[1])
 
 
 class StepOutput(ModelOutput):

@@ -35,7 +35,7 @@ class TrakFeaturizeCallback(Callback):
     Args:
         out_dir: where stores go (default: ``features/`` beside the checkpoints folder).
         proj_dim, projector, proj_seed, num_draws, draw_seed, output, share_noise, param_names,
-        batch_size, chunk_size, dtype, use_ema, timesteps, normalize_draws: see
+        batch_size, chunk_size, dtype, use_ema, timesteps, normalize_draws, timestep_range: see
         :class:`attribution.featurize.FeaturizeSettings`.
     """
 
@@ -43,11 +43,12 @@ class TrakFeaturizeCallback(Callback):
                  proj_seed: int = 0, num_draws: int = 10, draw_seed: int = 0, output: str = "square",
                  share_noise: bool = False, param_names: Optional[list[str]] = None, batch_size: int = 32,
                  chunk_size: Optional[int] = None, dtype: str = "float32", use_ema: Optional[bool] = None,
-                 timesteps: str = "uniform", normalize_draws: bool = False) -> None:
+                 timesteps: str = "uniform", normalize_draws: bool = False,
+                 timestep_range: Optional[list[int]] = None) -> None:
         self.out_dir = out_dir
         self.settings = FeaturizeSettings(proj_dim, projector, proj_seed, num_draws, draw_seed, output, share_noise,
                                           param_names, batch_size, chunk_size, dtype, use_ema, timesteps,
-                                          normalize_draws)
+                                          normalize_draws, timestep_range)
         self.featurizer = CheckpointFeaturizer(self.settings)
         self._pending: list[dict] = []
         self._resumed: Optional[dict] = None

@@ -259,26 +259,18 @@ def method_scores(method: str, plan: LDSPlan, stores, targets: Sequence[Trajecto
         if not plan.known_method(method):
             raise ValueError(f"Expected `plan.extra_features.{spec.features}` for method {method!r}, but the plan "
                              f"has only {sorted(plan.extra_features)}")
-        use = list(stores if spec.features is None else
-                   open_feature_stores(plan.extra_features[spec.features], f"plan.extra_features.{spec.features}"))
-        use = use[-1:] if spec.last_only else use
-        if spec.estimator in ("ekfac", "kfac"):
-            datamodule = datamodule if datamodule is not None else getattr(images, "datamodule", None)
-            result = ekfac_method_scores(spec, plan, use, targets, steps, datamodule, masks, cache_dir, lambdas)
-        else:
-            grads = cached_gradients(plan, use, targets, steps, spec.kind, cache_dir)
-            if spec.estimator == "dual":
-                kernels = [gram_kernel(store) for store in use]
-                result = swept_scores(gram_scores_sweep(use, grads, lambdas, kernels), masks, lambdas, B, S)
-            else:
-                wide = [str(st.path) for st in use if st.d > PRIMAL_MAX_DIM]
-                if wide:
-                    raise ValueError(f"Method {method!r}: stores {wide} hold unprojected features (d > "
-                                     f"{PRIMAL_MAX_DIM}); use the exact estimator dual{method[4:]} on them")
-                result = trak_scores(use, grads, lambdas, B, S, masks, cache_dir)
-        if spec.estimator not in ("ekfac", "kfac"):  # EK-FAC reads only the stores' checkpoints: its own cost
-            result.cost.update(featurize_cost(use))
-        result.cost.setdefault("score_seconds", time.perf_counter() - start)
+        datamodule = datamodule if datamodule is not None else getattr(images, "datamodule", None)
+        folders = step_folders(plan, spec, steps)
+        if folders is None:
+            use = list(stores if spec.features is None else
+                       open_feature_stores(plan.extra_features[spec.features], f"plan.extra_features.{spec.features}"))
+            result = estimator_scores(method, spec, plan, use, targets, steps, datamodule, masks, cache_dir, lambdas)
+        else:   # step-matched stores: each step scored with its own folder's stores
+            result = StepwiseScores.join([
+                estimator_scores(method, spec, plan, open_feature_stores(
+                    folder, f"plan.extra_features.{spec.features} at step {t}"), targets, [t], datamodule, masks,
+                    cache_dir, lambdas) for t, folder in folders.items()])
+        result.cost["score_seconds"] = time.perf_counter() - start
         return result
     x0 = recorded_at(targets, steps, "x0_hat")
     flat = x0.reshape(B * S, *x0.shape[2:])
@@ -294,6 +286,64 @@ def method_scores(method: str, plan: LDSPlan, stores, targets: Sequence[Trajecto
     result = baseline_scores(scores, masks, B, S)
     result.cost["score_seconds"] = time.perf_counter() - start
     return result
+
+
+STEP_FIELD = "{step}"
+
+
+def step_folders(plan: LDSPlan, spec, steps: Sequence[int]) -> Optional[dict[int, str]]:
+    """Step-matched stores: when the method's ``plan.extra_features`` folder contains ``{step}`` (e.g.
+    ``runs/x/features_band{step}``, each featurized with ``--settings.timestep_range`` around that step), the
+    folder of each scored step (``{step}`` replaced by it); None for one folder used at every step."""
+    folder = plan.extra_features.get(spec.features) if spec.features is not None else None
+    if folder is None or STEP_FIELD not in str(folder):
+        return None
+    return {int(t): str(folder).replace(STEP_FIELD, str(int(t))) for t in steps}
+
+
+def estimator_scores(method: str, spec, plan: LDSPlan, use: Sequence[FeatureStore], targets: Sequence[Trajectory],
+                     steps: Sequence[int], datamodule, masks: torch.Tensor, cache_dir: Path,
+                     lambdas: Sequence[float]) -> MethodScores:
+    """An estimator's :class:`MethodScores` on the stores ``use`` (all checkpoints; the last with ``_1ckpt``)."""
+    B, S = len(targets), len(steps)
+    use = list(use)[-1:] if spec.last_only else list(use)
+    if spec.estimator in ("ekfac", "kfac"):
+        return ekfac_method_scores(spec, plan, use, targets, steps, datamodule, masks, cache_dir, lambdas)
+    grads = cached_gradients(plan, use, targets, steps, spec.kind, cache_dir)
+    if spec.estimator == "dual":
+        kernels = [gram_kernel(store) for store in use]
+        result = swept_scores(gram_scores_sweep(use, grads, lambdas, kernels), masks, lambdas, B, S)
+    else:
+        wide = [str(st.path) for st in use if st.d > PRIMAL_MAX_DIM]
+        if wide:
+            raise ValueError(f"Method {method!r}: stores {wide} hold unprojected features (d > "
+                             f"{PRIMAL_MAX_DIM}); use the exact estimator dual{method[4:]} on them")
+        result = trak_scores(use, grads, lambdas, B, S, masks, cache_dir)
+    result.cost.update(featurize_cost(use))   # EK-FAC reads only the stores' checkpoints: its cost is its own
+    return result
+
+
+@dataclass
+class StepwiseScores(MethodScores):
+    """One method scored step by step (step-matched stores): ``parts[s]`` holds step s's ``MethodScores``."""
+
+    parts: list = field(default_factory=list)
+
+    @classmethod
+    def join(cls, parts: Sequence[MethodScores]) -> "StepwiseScores":
+        if len({p.num_lambdas for p in parts}) != 1:
+            raise ValueError(f"Expected every step scored over the same ridges, but got {[p.lambdas for p in parts]}")
+        cost = {"featurize_s_per_1000": sum(p.cost.get("featurize_s_per_1000", math.nan) for p in parts)}
+        return cls(torch.cat([p.predictions for p in parts], dim=-1), num_lambdas=parts[0].num_lambdas,
+                   lambdas=parts[0].lambdas, cost=cost, parts=list(parts))
+
+    def at(self, chosen_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return torch.cat([p.at(None if chosen_index is None else chosen_index[s:s + 1])
+                          for s, p in enumerate(self.parts)], dim=-1)
+
+    def close(self) -> None:
+        for part in self.parts:
+            part.close()
 
 
 def featurize_cost(stores: Sequence[FeatureStore]) -> dict:
@@ -333,7 +383,8 @@ def store_train_output(store: FeatureStore):
     """The training-side output a store was featurized with (its draws, timesteps, noise sharing)."""
     recorded = store.meta["train_output"]
     return make_output(f"train_{recorded['kind']}", num_draws=recorded["num_draws"], seed=recorded["seed"],
-                       share_noise=recorded["share_noise"], timesteps=recorded.get("timesteps", "uniform"))
+                       share_noise=recorded["share_noise"], timesteps=recorded.get("timesteps", "uniform"),
+                       timestep_range=recorded.get("timestep_range"))
 
 
 def ekfac_method_scores(spec, plan: LDSPlan, stores: Sequence[FeatureStore], targets: Sequence[Trajectory],

@@ -97,7 +97,9 @@ class LDSPlan:
             of ``extra_features``), e.g. trak, trak_1ckpt, trak_square, dual@identity, ekfac_1ckpt.
         extra_features: name -> another folder of the full model's feature stores (e.g. made with another
             projector: ``{"gaussian": "runs/x/features_gaussian"}``); method ``trak@<name>`` is TRAK (Eq. 3)
-            on every store of that folder, scored exactly like ``trak``.
+            on every store of that folder, scored exactly like ``trak``. A folder containing ``{step}``
+            holds step-matched stores: step t is scored with the stores of the folder with t in place of
+            ``{step}`` (each featurized with ``--settings.timestep_range`` around t).
         paired_versus: methods every other method is compared with (paired differences over targets).
         relative_lambdas: candidate ridge values (trak: relative to each kernel's mean eigenvalue trace / d;
             dual: to the members' mean squared feature norm; ekfac/kfac: the damping relative to each layer's

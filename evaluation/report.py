@@ -172,6 +172,7 @@ def comparison_rows(results: dict, steps: Sequence[int], costs: dict, versus: Se
         return nan_mean_se(report_lds(res).per_target.T, 0)[0]
 
     means = {m: step_mean(r) for m, r in results.items()}
+    base = float(nan_mean_se(means["trak"], 0)[0]) if "trak" in means else math.nan
     rows = []
     for method, res in results.items():
         lds = report_lds(res)
@@ -187,7 +188,6 @@ def comparison_rows(results: dict, steps: Sequence[int], costs: dict, versus: Se
                 row[f"minus_{other}"], row[f"minus_{other}_se"] = float(d_mean[0]), float(d_se[0])
             else:
                 row[f"minus_{other}"] = row[f"minus_{other}_se"] = math.nan
-        base = float(nan_mean_se(means["trak"], 0)[0]) if "trak" in means else math.nan
         row["ratio_to_trak"] = float(mean) / base if base not in (0.0,) and math.isfinite(base) else math.nan
         if isinstance(res, LambdaChoice):
             row["lambda"] = ";".join(f"{v:g}" for v in res.chosen_lambda.tolist())

@@ -296,14 +296,20 @@ class Heartbeat:
 
 
 # ----------------------------------------------------------------------------- one job
+def worker_env(threads: int) -> dict:
+    """The environment of a subprocess worker: ``threads`` OMP/MKL threads that yield the core when idle
+    (``OMP_WAIT_POLICY=PASSIVE``: workers side by side do not spin on each other's cores), no hub access."""
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+            "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
+
+
 def run_job(job: FitJob, settings: FitSettings, stop: Optional[threading.Event] = None) -> float:
     """`cli.py fit` of one job in its (empty) folder; returns seconds. A subprocess fit is stopped when
     ``stop`` is set (its claim was lost) or after ``settings.timeout_s``."""
     args = fit_arguments(job, settings.fit_config, settings.fit_args)
     start = time.perf_counter()
     if settings.runner == "subprocess":
-        env = {**os.environ, "OMP_NUM_THREADS": str(settings.threads), "MKL_NUM_THREADS": str(settings.threads),
-               "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
+        env = worker_env(settings.threads)
         with open(job.folder / "fit.log", "w") as logfile:
             proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args], cwd=settings.cwd, env=env,
                                     stdout=logfile, stderr=subprocess.STDOUT)
@@ -580,8 +586,7 @@ def featurize_arguments(record: dict, folder: Path, plan: LDSPlan) -> list[str]:
 def featurize_model(task: ModelTask, plan: LDSPlan, cwd: str) -> None:
     """`python cli.py featurize` of the task's model (a subprocess; its log in ``<model>/featurize.log``)."""
     args = featurize_arguments(done_record(task.folder), task.folder, plan)
-    threads = str(plan.threads_per_worker)
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "HF_HUB_OFFLINE": "1"}
+    env = worker_env(plan.threads_per_worker)
     with open(task.folder / "featurize.log", "w") as logfile:
         code = subprocess.call([sys.executable, str(ROOT / "cli.py"), *args], cwd=cwd, env=env, stdout=logfile,
                                stderr=subprocess.STDOUT)

@@ -61,6 +61,33 @@ def test_stratified_and_even_timesteps():
         FeaturizeSettings(timesteps="grid")
 
 
+def test_timestep_range_draws_inside_the_window_and_keeps_the_whole_range_default():
+    T, K, keys = 1000, 8, torch.arange(40)
+    for scheme in ("uniform", "stratified", "even"):
+        whole = TrainLoss(num_draws=K, seed=3, timesteps=scheme)
+        assert "timestep_range" not in whole.describe()      # stores of the whole range keep their metadata
+        same = TrainLoss(num_draws=K, seed=3, timesteps=scheme, timestep_range=[0, T])
+        assert torch.equal(same.draws(keys, (1, 2, 2), num_train_timesteps=T).timesteps,
+                           whole.draws(keys, (1, 2, 2), num_train_timesteps=T).timesteps)
+        band = TrainLoss(num_draws=K, seed=3, timesteps=scheme, timestep_range=[200, 400])
+        t = band.draws(keys, (1, 2, 2), num_train_timesteps=T).timesteps
+        assert ((t >= 200) & (t < 400)).all() and len(set(t.flatten().tolist())) > K // 2
+        assert band.describe()["timestep_range"] == [200, 400]
+        if scheme == "stratified":                                  # one draw in each 25-step stratum
+            stratum = 200 + torch.arange(K) * 25
+            assert ((t >= stratum) & (t < stratum + 25)).all()
+    even = TrainLoss(num_draws=4, timesteps="even", timestep_range=[0, 200]).draws(keys[:2], (1, 2, 2),
+                                                                                   num_train_timesteps=T)
+    assert even.timesteps.tolist() == [[25, 75, 125, 175]] * 2
+    for bad in ([300, 300], [-1, 10], [0], (0.0, 10)):
+        with pytest.raises(ValueError, match="timestep_range"):
+            TrainLoss(num_draws=2, timestep_range=bad)
+        with pytest.raises(ValueError, match="timestep_range"):
+            FeaturizeSettings(timestep_range=bad)
+    with pytest.raises(ValueError, match=r"timestep_range.*T = 1000"):   # the window past T, before any draw
+        TrainLoss(num_draws=2, timestep_range=[900, 1100]).draws(keys, (1, 2, 2), num_train_timesteps=T)
+
+
 @pytest.mark.parametrize("output", [TrainLoss(num_draws=3, seed=2), StepOutput(num_draws=2, seed=5)])
 def test_normalized_draws_equal_a_loop_over_single_draws(task, output):
     model = tiny_unet(dtype=F64)

@@ -321,6 +321,39 @@ def test_extra_feature_folders_are_compared_like_trak(chain):
         LDSPlan(methods=["trak@dense"])
 
 
+def test_step_matched_stores_score_each_step_with_its_own_folder(chain, tmp_path):
+    """A ``{step}`` folder: step t is scored with the stores featurized in its timestep window, exactly as
+    ``trak`` on those stores at that step alone; a window past T is refused before any store is written."""
+    from attribution.store import open_feature_stores
+    from evaluation.methods import method_scores
+
+    tmp = chain["tmp"]
+    for t, window in ((900, "[500, 1000]"), (500, "[0, 500]")):
+        run(["featurize", "--config", chain["config"], "--checkpoints", str(tmp / "full" / "checkpoints"),
+             "--out_dir", str(tmp / f"features_band{t}"), "--settings.proj_dim=16", "--settings.num_draws=2",
+             "--settings.batch_size=64", f"--settings.timestep_range={window}"])
+    plan, targets, steps, stores, data, images, masks = _method_inputs(chain)
+    assert sorted(steps) == [500, 900]
+    plan = LDSPlan(**{**yaml.safe_load(open(chain["plan"])),
+                      "extra_features": {"band": str(tmp / "features_band{step}")}})
+    got = method_scores("trak@band", plan, stores, targets, steps, images, None, tmp_path, masks)
+    chosen = torch.tensor([2, 0][: len(steps)])
+    for s, t in enumerate(steps):
+        band = open_feature_stores(str(tmp / f"features_band{t}"), "band")
+        assert band[0].meta["train_output"]["timestep_range"] == ([500, 1000] if t == 900 else [0, 500])
+        alone = method_scores("trak", plan, band, targets, [t], images, None, tmp_path, masks)
+        torch.testing.assert_close(got.predictions[..., s], alone.predictions[..., 0], rtol=0, atol=0)
+        torch.testing.assert_close(got.at(chosen)[..., s], alone.at(chosen[s:s + 1])[..., 0], rtol=0, atol=0)
+        alone.close()
+    assert got.cost["featurize_s_per_1000"] > 0 and got.predictions.shape[-1] == len(steps)
+    got.close()
+    with pytest.raises(ValueError, match=r"timestep_range.*T = 1000"):
+        run(["featurize", "--config", chain["config"], "--checkpoints", str(tmp / "full" / "checkpoints"),
+             "--out_dir", str(tmp_path / "past"), "--settings.proj_dim=16", "--settings.num_draws=2",
+             "--settings.timestep_range=[900, 1100]"])
+    assert not any((tmp_path / "past").rglob("features.npy"))
+
+
 def _method_inputs(chain):
     from attribution.store import open_feature_stores
     from evaluation.methods import dataset_images

@@ -53,9 +53,9 @@ class FeaturizeSettings:
         proj_seed: experiment seed of the projections; checkpoint m uses checkpoint_seed(proj_seed, id_m).
         num_draws: K, (timestep, noise) draws per example averaged in the training loss.
         draw_seed: seed of the draws; draws for example i depend only on (i, draw_seed).
-        output: training-side function: "square" (default: D-TRAK's squared norm of the network output, with
-            ``cli.py score`` then using "square" on the target side too: the estimator measured best on the
-            digits LDS, see the README), "loss" (the paper's TRAK, Eq. 3), or D-TRAK's "l2", "avg".
+        output: training-side function: "loss" (default: the paper's TRAK, Eq. 3; the best measured on the
+            digits ground truth, see the README), or D-TRAK's "square" (with ``cli.py score`` then using
+            "square" on the target side too), "l2", "avg" of the network output.
         share_noise: share the noise draws between examples and the target side (D-TRAK).
         param_names: differentiate only these parameters (None: all trainable).
         batch_size: examples per featurize batch.
@@ -77,7 +77,7 @@ class FeaturizeSettings:
     proj_seed: int = 0
     num_draws: int = 10
     draw_seed: int = 0
-    output: str = "square"
+    output: str = "loss"
     share_noise: bool = False
     param_names: Optional[list[str]] = None
     batch_size: int = 32

@@ -34,6 +34,8 @@ from .atomic import atomic_write_text
 
 __all__ = ["LDSResult", "SeedNoiseCeiling", "LambdaChoice", "rank_average", "spearman_columns",
            "predicted_outputs", "lds", "linear_datamodeling_score", "lds_from_predictions", "lds_per_lambda",
+           "target_specific", "lds_specific_from_predictions", "leave_one_mask_out", "mask_jackknife_se",
+           "combined_se",
            "lds_per_lambda_from_predictions", "nan_mean_se", "seed_noise_ceiling",
            "split_targets", "choose_lambda_heldout", "paired_difference", "lds_table", "write_table"]
 
@@ -195,6 +197,67 @@ def lds_per_lambda_from_predictions(predictions_per_lambda: Tensor, actual: Tens
     """``(L, J, B, S)`` predictions (one slice per ridge lambda) -> ``(L, B, S)`` per-target LDS."""
     _checks.tensor_ndim("predictions_per_lambda", predictions_per_lambda, 4, " (L, J, B, S)")
     return torch.stack([lds_from_predictions(p, actual).per_target for p in predictions_per_lambda])
+
+
+# ----------------------------------------------------------------------------- uncertainty over masks
+def target_specific(values: Tensor) -> Tensor:
+    """``(J, B, S)`` -> the part of each (target, step) column that is not shared by the other targets: every
+    column standardized over the J models (``(x - mean_j) / std_j``), then the mean over the targets of the
+    standardized columns removed, per model and step. What remains is how a subset moves this target
+    relative to the others; the common part (a subset model better or worse at everything: training noise
+    and whole-mask effects) is gone. Invariant to an affine rescaling of any one target's predictions, as
+    the Spearman LDS is. Columns that are constant or hold a non-finite value give NaN and stay out of the mean.
+    """
+    x = _as_bs("values", values.to(F64), 1)
+    sd = x.std(0, correction=1, keepdim=True)
+    z = (x - x.mean(0, keepdim=True)) / sd
+    ok = torch.isfinite(z).all(0, keepdim=True) & (sd > 0)
+    z = torch.where(ok, z, torch.full_like(z, math.nan))
+    common = torch.where(ok, z, torch.zeros_like(z)).sum(1, keepdim=True) / ok.sum(1, keepdim=True).clamp(min=1)
+    return z - common
+
+
+def lds_specific_from_predictions(predictions: Tensor, actual: Tensor) -> LDSResult:
+    """Target-specific LDS: :func:`lds_from_predictions` of the :func:`target_specific` parts of the
+    predictions and of the actual outputs (same sign convention)."""
+    return lds_from_predictions(target_specific(predictions), target_specific(actual))
+
+
+def leave_one_mask_out(predictions: Tensor, actual: Tensor, specific: bool = False) -> Tensor:
+    """``(J, S)``: the mean over targets of the LDS per step with subset model ``j`` left out (the jackknife
+    replicates of :func:`mask_jackknife_se`); ``specific``: of the target-specific LDS."""
+    pred, act = _as_bs("predictions", predictions.to(F64), 1), _as_bs("actual", actual.to(F64), 1)
+    J = pred.shape[0]
+    if J < 4:
+        raise ValueError(f"Expected at least 4 subset models to leave one out, but got {J}")
+    measure = lds_specific_from_predictions if specific else lds_from_predictions
+    keep = torch.ones(J, dtype=torch.bool)
+    out = []
+    for j in range(J):
+        keep[j] = False
+        out.append(measure(pred[keep], act[keep]).mean)
+        keep[j] = True
+    return torch.stack(out)
+
+
+def mask_jackknife_se(replicates: Tensor) -> Tensor:
+    """Jackknife standard error over subset models from leave-one-out replicates ``(J, ...)``:
+    ``sqrt((J - 1) / J * sum_j (theta_j - mean theta)^2)``, per trailing entry (NaN where a replicate is).
+
+    The s.e. over targets alone treats the J masks as fixed; every target shares them, so a few
+    influential models move every target's LDS together. This is the part of the uncertainty that
+    more masks (not more targets) remove: report ``sqrt(se_targets^2 + se_masks^2)``.
+    """
+    theta = replicates.to(F64)
+    J = theta.shape[0]
+    return torch.sqrt((J - 1) / J * ((theta - theta.mean(0)) ** 2).sum(0))
+
+
+def combined_se(se_targets, se_masks):
+    """``sqrt(se_targets^2 + se_masks^2)``: targets and subset models both sampled (tensors or floats)."""
+    if isinstance(se_targets, Tensor) or isinstance(se_masks, Tensor):
+        return torch.sqrt(torch.as_tensor(se_targets, dtype=F64) ** 2 + torch.as_tensor(se_masks, dtype=F64) ** 2)
+    return math.sqrt(se_targets ** 2 + se_masks ** 2)
 
 
 # ----------------------------------------------------------------------------- seed-noise ceiling

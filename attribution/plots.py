@@ -128,8 +128,9 @@ def _f(v) -> float:
 
 
 def plot_lds_vs_step(table_rows: Sequence[Mapping], path: PathLike, title: str = "LDS per step") -> Plot:
-    """One line per method (``lds_mean`` with ``lds_se`` error bars) against the step t, and the
-    seed-noise ``ceiling`` (dashed) where the rows give a finite one.
+    """One line per method (``lds_mean`` with error bars: ``lds_se_total``, the s.e. over targets and subset
+    models, where the rows give a finite one, else ``lds_se``) against the step t, and the seed-noise
+    ``ceiling`` (dashed) where the rows give a finite one.
 
     Args:
         table_rows: rows of :func:`attribution.lds.lds_table` (keys ``method, step, lds_mean, lds_se``,
@@ -139,7 +140,8 @@ def plot_lds_vs_step(table_rows: Sequence[Mapping], path: PathLike, title: str =
     _need(table_rows, ("method", "step", "lds_mean", "lds_se"), "table_rows")
     by_method, ceiling = defaultdict(list), {}
     for r in table_rows:
-        by_method[r["method"]].append((int(r["step"]), _f(r["lds_mean"]), _f(r["lds_se"])))
+        total = _f(r.get("lds_se_total"))
+        by_method[r["method"]].append((int(r["step"]), _f(r["lds_mean"]), total if math.isfinite(total) else _f(r["lds_se"])))
         c = _f(r.get("ceiling"))
         if math.isfinite(c):
             ceiling.setdefault(int(r["step"]), c)

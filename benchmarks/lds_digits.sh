@@ -37,7 +37,7 @@ if [ ! -f "$OUT/full/done" ]; then
   touch "$OUT/full/done"
 fi
 FINAL=$(ls "$OUT"/full/version_*/checkpoints/step*.ckpt | sort | tail -1)
-# plan.features: the paper's TRAK (Eq. 3, training-side loss); features_square: the default featurize (square)
+# plan.features: the paper's TRAK (Eq. 3, training-side loss: the default featurize); features_square: D-TRAK's square
 timed featurize $PY cli.py featurize --config "$CONFIG" --checkpoints "$(dirname "$FINAL")" --out_dir "$OUT/features" \
   --settings.proj_dim="$PROJ_DIM" --settings.num_draws=10 --settings.batch_size=64 --settings.output=loss \
   --trainer.logger=false --trainer.default_root_dir="$OUT/full"

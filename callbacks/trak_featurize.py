@@ -40,7 +40,7 @@ class TrakFeaturizeCallback(Callback):
     """
 
     def __init__(self, out_dir: Optional[str] = None, proj_dim: int = 2048, projector: str = "sparse",
-                 proj_seed: int = 0, num_draws: int = 10, draw_seed: int = 0, output: str = "square",
+                 proj_seed: int = 0, num_draws: int = 10, draw_seed: int = 0, output: str = "loss",
                  share_noise: bool = False, param_names: Optional[list[str]] = None, batch_size: int = 32,
                  chunk_size: Optional[int] = None, dtype: str = "float32", use_ema: Optional[bool] = None,
                  timesteps: str = "uniform", normalize_draws: bool = False,

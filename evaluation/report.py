@@ -23,8 +23,8 @@ import torch
 
 from attribution import (choose_lambda_heldout, lds_table, paired_difference, predicted_outputs, seed_noise_ceiling,
                          split_targets, write_table)
-from attribution.lds import (LambdaChoice, LDSResult, lds_from_predictions, lds_per_lambda_from_predictions,
-                             nan_mean_se)
+from attribution.lds import (LambdaChoice, LDSResult, combined_se, lds_from_predictions, lds_per_lambda_from_predictions,
+                             lds_specific_from_predictions, leave_one_mask_out, mask_jackknife_se, nan_mean_se)
 from attribution.plots import plot_lambda_sweep, plot_lds_vs_step
 from evaluation.plan import TRAK_METHODS  # noqa: F401 (kept name)
 
@@ -95,12 +95,18 @@ def build_report(scores: dict, masks: torch.Tensor, actual: torch.Tensor, replic
     B = actual.shape[1]
     heldout, report = split_targets(B, split_seed, heldout_fraction)
     results = {m: evaluate_predictions(p, actual, grids[m], heldout, report, per_step) for m, p in predictions.items()}
+    spread = {m: mask_uncertainty(chosen_predictions(predictions[m], results[m], report), actual[:, report])
+              for m in results}
     ceiling = seed_noise_ceiling(replicates, num_seeds=seeds_per_mask) if replicates is not None else None
     ceiling_report, ceiling_se = (None, None) if ceiling is None else nan_mean_se(ceiling.ceiling[report], 0)[:2]
     rows = lds_table(results, steps, ceiling_report)
     for row in rows:
         s = list(steps).index(row["step"])
-        row.update(ceiling_se=math.nan if ceiling_se is None else float(ceiling_se[s]),
+        u = spread[row["method"]]
+        row.update(lds_se_masks=_at(u["se_masks"], s), lds_se_total=float(combined_se(row["lds_se"], _at(u["se_masks"], s))),
+                   specific_mean=float(u["specific"].mean[s]),
+                   specific_se_total=float(combined_se(float(u["specific"].se[s]), _at(u["specific_se_masks"], s))),
+                   ceiling_se=math.nan if ceiling_se is None else float(ceiling_se[s]),
                    num_models=int(masks.shape[0]), seeds_per_mask=seeds_per_mask, targets="report")
         choice = results[row["method"]]
         if isinstance(choice, LambdaChoice):
@@ -108,7 +114,8 @@ def build_report(scores: dict, masks: torch.Tensor, actual: torch.Tensor, replic
             row["oracle_lambda_NOT_REPORTED"] = float(choice.oracle_lambda[s])
             row["oracle_lds_mean_NOT_REPORTED"] = float(choice.oracle_mean[s])
     tables = {"lds": rows, "lambda_sweep": [], "paired": [], "ceiling": [],
-              "comparison": comparison_rows(results, steps, {m: getattr(sc, "cost", {}) for m, sc in scores.items()})}
+              "comparison": comparison_rows(results, steps, {m: getattr(sc, "cost", {}) for m, sc in scores.items()},
+                                            spread=spread)}
     for method, choice in results.items():
         if isinstance(choice, LambdaChoice):
             per_lambda = lds_per_lambda_from_predictions(predictions[method], actual)[:, report]
@@ -119,8 +126,11 @@ def build_report(scores: dict, masks: torch.Tensor, actual: torch.Tensor, replic
             if method == baseline:
                 continue
             mean, se = paired_difference(report_lds(res).per_target, base)
+            se_masks = _jackknife(spread[method]["loo"], spread[baseline]["loo"])
             tables["paired"] += [{"method": method, "versus": baseline, "step": int(t), "diff_mean": float(mean[s]),
-                                  "diff_se": float(se[s]), "n_targets": int(report.numel())}
+                                  "diff_se": float(se[s]), "diff_se_masks": _at(se_masks, s),
+                                  "diff_se_total": float(combined_se(float(se[s]), _at(se_masks, s))),
+                                  "n_targets": int(report.numel())}
                                  for s, t in enumerate(steps)]
     if ceiling is not None:
         tables["ceiling"] = [{"step": int(t), "ceiling": float(ceiling_report[s]), "ceiling_se": float(ceiling_se[s]),
@@ -128,6 +138,43 @@ def build_report(scores: dict, masks: torch.Tensor, actual: torch.Tensor, replic
                               "replicate_seeds": int(replicates.shape[0]), "replicate_masks": int(replicates.shape[1]),
                               "seeds_averaged": seeds_per_mask} for s, t in enumerate(steps)]
     return {"tables": tables, "results": results, "heldout": heldout, "report": report}
+
+
+def chosen_predictions(predictions: torch.Tensor, result, report: torch.Tensor) -> torch.Tensor:
+    """``(J, B_report, S)``: a method's predictions on the report targets at the ridge chosen per step on the
+    held-out targets (``(L, J, B, S)`` predictions with a :class:`LambdaChoice`), else as they are."""
+    if isinstance(result, LambdaChoice):
+        index = result.chosen_index.tolist()
+        return torch.stack([predictions[int(index[s]), :, :, s] for s in range(len(index))], dim=-1)[:, report]
+    return predictions[:, report]
+
+
+def mask_uncertainty(predictions: torch.Tensor, actual: torch.Tensor) -> dict:
+    """What the s.e. over targets leaves out: leave-one-model-out LDS means ``loo (J, S)`` and their jackknife
+    s.e. ``se_masks (S,)`` (None below 4 models), and the same for the target-specific LDS (``specific``:
+    an :class:`LDSResult`)."""
+    out = {"specific": lds_specific_from_predictions(predictions, actual), "loo": None, "se_masks": None,
+           "specific_loo": None, "specific_se_masks": None}
+    if predictions.shape[0] >= 4:
+        out["loo"] = leave_one_mask_out(predictions, actual)
+        out["specific_loo"] = leave_one_mask_out(predictions, actual, specific=True)
+        out["se_masks"], out["specific_se_masks"] = mask_jackknife_se(out["loo"]), mask_jackknife_se(out["specific_loo"])
+    return out
+
+
+def _jackknife(loo: Optional[torch.Tensor], minus: Optional[torch.Tensor] = None, over_steps: bool = False):
+    """Jackknife s.e. over models of a method's LDS (of its difference from ``minus``'s, paired by left-out
+    model) per step, or of its mean over steps; None below 4 models (no replicates)."""
+    if loo is None:
+        return None
+    theta = loo if minus is None else loo - minus
+    return mask_jackknife_se(theta.mean(1) if over_steps else theta)
+
+
+def _at(value: Optional[torch.Tensor], s: Optional[int] = None) -> float:
+    if value is None:
+        return math.nan
+    return float(value if s is None else value[s])
 
 
 def at_grid_edge(choice: LambdaChoice) -> torch.Tensor:
@@ -163,31 +210,52 @@ def extended_grid(grid: Sequence[float], edges: Sequence[str]) -> list[float]:
 COMPARED_WITH = ("trak", "pixel")
 
 
-def comparison_rows(results: dict, steps: Sequence[int], costs: dict, versus: Sequence[str] = COMPARED_WITH) -> list[dict]:
+def comparison_rows(results: dict, steps: Sequence[int], costs: dict, versus: Sequence[str] = COMPARED_WITH,
+                    spread: Optional[dict] = None) -> list[dict]:
     """One row per method: report LDS per step (lambda chosen on held-out targets), its mean over steps with
     s.e. over report targets, paired differences of that mean against TRAK Eq. 3 (``trak``) and pixel
     similarity (with s.e.), the ratio to TRAK, the chosen ridge, whether it sits at a grid edge, and the cost
-    (featurize seconds per 1000 examples of the stores used; seconds of scoring in the report)."""
-    def step_mean(res) -> torch.Tensor:                      # (B_r,) mean over steps per report target
-        return nan_mean_se(report_lds(res).per_target.T, 0)[0]
+    (featurize seconds per 1000 examples of the stores used; seconds of scoring in the report).
 
-    means = {m: step_mean(r) for m, r in results.items()}
+    With ``spread`` (method -> :func:`mask_uncertainty`) every s.e. gets its jackknife over the subset models
+    (``*_se_masks``) and the total ``*_se_total = sqrt(se^2 + se_masks^2)``, and the target-specific LDS
+    (``specific_*``: mean over steps, total s.e., paired differences) stands beside the paper's."""
+    def step_mean(lds) -> torch.Tensor:                      # (B_r,) mean over steps per report target
+        return nan_mean_se(lds.per_target.T, 0)[0]
+
+    spread = spread or {}
+    means = {m: step_mean(report_lds(r)) for m, r in results.items()}
+    specific = {m: step_mean(u["specific"]) for m, u in spread.items()}
     base = float(nan_mean_se(means["trak"], 0)[0]) if "trak" in means else math.nan
     rows = []
     for method, res in results.items():
         lds = report_lds(res)
         mean, se, n = nan_mean_se(means[method], 0)
+        u = spread.get(method, {})
         row = {"method": method}
         for s, t in enumerate(steps):
             row[f"lds_t{int(t)}"] = float(lds.mean[s])
             row[f"se_t{int(t)}"] = float(lds.se[s])
-        row.update(lds_mean_over_steps=float(mean), lds_mean_se=float(se), n_targets=int(n))
+        se_masks = _at(_jackknife(u.get("loo"), over_steps=True))
+        row.update(lds_mean_over_steps=float(mean), lds_mean_se=float(se), lds_mean_se_masks=se_masks,
+                   lds_mean_se_total=float(combined_se(float(se), se_masks)), n_targets=int(n))
+        if method in specific:
+            s_mean, s_se, _ = nan_mean_se(specific[method], 0)
+            s_masks = _at(_jackknife(u.get("specific_loo"), over_steps=True))
+            row.update(specific_mean_over_steps=float(s_mean), specific_se_total=float(combined_se(float(s_se), s_masks)))
         for other in versus:
             if other in means and other != method:
                 d_mean, d_se = paired_difference(means[method].unsqueeze(1), means[other].unsqueeze(1))
+                d_masks = _at(_jackknife(u.get("loo"), spread[other]["loo"], over_steps=True)) if u else math.nan
                 row[f"minus_{other}"], row[f"minus_{other}_se"] = float(d_mean[0]), float(d_se[0])
+                row[f"minus_{other}_se_total"] = float(combined_se(float(d_se[0]), d_masks))
+                if method in specific and other in specific:
+                    sd_mean, sd_se = paired_difference(specific[method].unsqueeze(1), specific[other].unsqueeze(1))
+                    sd_masks = _at(_jackknife(u.get("specific_loo"), spread[other]["specific_loo"], over_steps=True))
+                    row[f"specific_minus_{other}"] = float(sd_mean[0])
+                    row[f"specific_minus_{other}_se_total"] = float(combined_se(float(sd_se[0]), sd_masks))
             else:
-                row[f"minus_{other}"] = row[f"minus_{other}_se"] = math.nan
+                row[f"minus_{other}"] = row[f"minus_{other}_se"] = row[f"minus_{other}_se_total"] = math.nan
         row["ratio_to_trak"] = float(mean) / base if base not in (0.0,) and math.isfinite(base) else math.nan
         if isinstance(res, LambdaChoice):
             row["lambda"] = ";".join(f"{v:g}" for v in res.chosen_lambda.tolist())

@@ -95,7 +95,7 @@ class AttributionModule(LightningModule):
         out_dir: where scores and pictures go (default: ``scores/`` beside ``targets``).
         output: target-side function: "loss" (the paper's Eq. 3) or "square" (D-TRAK's squared norm of the
             network output); None (default): the stores' training-side output ("square" for stores featurized
-            with the default ``output: square``, else "loss"), the pairing measured best on the digits LDS.
+            with ``output: square``, else "loss": the default featurize's Eq. 3).
         num_draws: K', noise draws of the step output (20 in the paper).
         draw_seed: seed of those draws (per target and step).
         share_noise: share noise draws with the training side (D-TRAK); match the featurize setting.

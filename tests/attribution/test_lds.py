@@ -275,3 +275,64 @@ def test_package_exports_keep_the_lds_module_reachable():
 
     assert module.lds is lds and attribution.linear_datamodeling_score is lds
     assert attribution.lds is module
+
+
+# ----------------------------------------------------------------------------- uncertainty over masks
+def _specific_reference(values: np.ndarray) -> np.ndarray:
+    """target_specific written as loops: standardize each (b, s) column over models, subtract the mean over b."""
+    J, B, S = values.shape
+    z = np.empty_like(values)
+    for b in range(B):
+        for s in range(S):
+            col = values[:, b, s]
+            z[:, b, s] = (col - col.mean()) / col.std(ddof=1)
+    out = np.empty_like(values)
+    for j in range(J):
+        for s in range(S):
+            out[j, :, s] = z[j, :, s] - z[j, :, s].mean()
+    return out
+
+
+def test_target_specific_lds_matches_loops_and_ignores_per_target_rescaling():
+    from attribution.lds import lds_specific_from_predictions, target_specific
+
+    g, masks, tau = _problem(J=20, N=50, B=6, S=2, seed=4)
+    pred = predicted_outputs(tau, masks)
+    actual = -pred + 3.0 * torch.randn(20, 1, 2, generator=g, dtype=F64) + torch.randn(20, 6, 2, generator=g, dtype=F64)
+    np.testing.assert_allclose(target_specific(pred).numpy(), _specific_reference(pred.numpy()), rtol=0, atol=1e-12)
+    got = lds_specific_from_predictions(pred, actual).per_target
+    ref_p, ref_a = _specific_reference(pred.numpy()), _specific_reference(actual.numpy())
+    for b in range(6):
+        for s in range(2):
+            want = spearmanr(ref_p[:, b, s], -ref_a[:, b, s]).statistic
+            assert abs(float(got[b, s]) - want) < 1e-12
+    scaled = pred * torch.tensor([1.0, 7.0, 0.1, 2.0, 3.0, 0.5], dtype=F64).reshape(1, 6, 1) + 5.0
+    assert torch.allclose(lds_specific_from_predictions(scaled, actual).per_target, got, rtol=0, atol=1e-12)
+    constant = pred.clone()
+    constant[:, 2, 1] = 1.0                       # a constant column: NaN there, and kept out of the others' mean
+    spec = target_specific(constant)
+    assert torch.isnan(spec[:, 2, 1]).all() and torch.isfinite(spec[:, [0, 1, 3, 4, 5], 1]).all()
+
+
+def test_leave_one_mask_out_and_jackknife_match_loops():
+    from attribution.lds import combined_se, leave_one_mask_out, mask_jackknife_se
+
+    g, masks, tau = _problem(J=12, N=40, B=5, S=2, seed=6)
+    pred = predicted_outputs(tau, masks)
+    actual = -pred + 2.0 * torch.randn(12, 5, 2, generator=g, dtype=F64)
+    loo = leave_one_mask_out(pred, actual)
+    for j in range(12):
+        keep = [k for k in range(12) if k != j]
+        for s in range(2):
+            want = np.mean([spearmanr(pred[keep, b, s].numpy(), -actual[keep, b, s].numpy()).statistic
+                            for b in range(5)])
+            assert abs(float(loo[j, s]) - want) < 1e-12
+    spec_loo = leave_one_mask_out(pred, actual, specific=True)
+    assert spec_loo.shape == (12, 2) and torch.isfinite(spec_loo).all()
+    # the jackknife of a sample mean is its textbook s.e., std(ddof=1) / sqrt(J)
+    x = torch.randn(12, 3, generator=g, dtype=F64)
+    means = torch.stack([x[[k for k in range(12) if k != j]].mean(0) for j in range(12)])
+    torch.testing.assert_close(mask_jackknife_se(means), x.std(0, correction=1) / math.sqrt(12), rtol=1e-12, atol=0)
+    assert combined_se(3.0, 4.0) == 5.0
+    with pytest.raises(ValueError, match="at least 4"):
+        leave_one_mask_out(pred[:3], actual[:3])

@@ -91,6 +91,41 @@ def test_the_report_from_predictions_equals_the_report_from_scores(problem, tmp_
     assert torch.equal(lds_from_predictions(predicted_outputs(pixel, masks), actual).per_target, ref.per_target)
 
 
+def test_the_report_gives_the_uncertainty_over_subset_models_and_the_target_specific_lds():
+    """Every s.e. of the report also has its jackknife over the subset models (leave one model out, written
+    here as loops over scipy's Spearman) and the total; the target-specific LDS stands beside the paper's."""
+    import math
+
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    g = torch.Generator().manual_seed(11)
+    masks = torch.rand(J, N, generator=g) < 0.5
+    pixel = torch.randn(N, B * 2, S, generator=g, dtype=torch.float64)
+    noise = torch.randn(N, B * 2, S, generator=g, dtype=torch.float64)
+    actual = -predicted_outputs(pixel, masks) + 4.0 * torch.randn(J, 1, S, generator=g, dtype=torch.float64)
+    report = build_report({"pixel": pixel.float(), "random": noise.float()}, masks, actual, None, [900, 500],
+                          LAMBDAS, 0, 0.5, True, 1)
+    rows = {(r["method"], r["step"]): r for r in report["tables"]["lds"]}
+    targets = report["report"].tolist()
+    pred = predicted_outputs(pixel.float(), masks).numpy()
+    for s, t in enumerate([900, 500]):
+        loo = [np.mean([spearmanr(np.delete(pred[:, b, s], j), -np.delete(actual[:, b, s].numpy(), j)).statistic
+                        for b in targets]) for j in range(J)]
+        want = math.sqrt((J - 1) / J * sum((v - np.mean(loo)) ** 2 for v in loo))
+        row = rows[("pixel", t)]
+        assert abs(row["lds_se_masks"] - want) < 1e-12
+        assert abs(row["lds_se_total"] - math.hypot(row["lds_se"], want)) < 1e-12
+        assert math.isfinite(row["specific_mean"]) and row["specific_se_total"] > 0
+    pixel_row = {r["method"]: r for r in report["tables"]["comparison"]}["random"]
+    for key in ("lds_mean_se_masks", "lds_mean_se_total", "specific_mean_over_steps", "specific_se_total",
+                "minus_pixel_se_total", "specific_minus_pixel", "specific_minus_pixel_se_total"):
+        assert math.isfinite(pixel_row[key]), key
+    assert pixel_row["lds_mean_se_total"] >= pixel_row["lds_mean_se"]
+    assert all(math.isfinite(r["diff_se_total"]) and r["diff_se_total"] >= r["diff_se"]
+               for r in report["tables"]["paired"])
+
+
 def test_baselines_and_the_classifier_stream_the_images(tmp_path, monkeypatch):
     dm = small_data(tmp_path)
     dm.setup()

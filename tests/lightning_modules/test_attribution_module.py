@@ -77,8 +77,8 @@ def reference_scores(root, target, step_index, mask=None):
 def test_module_scores_equal_the_core_api_and_pictures_are_written(run):
     root, _ = run
     module = predict(run, "scores")
-    # the default featurize is D-TRAK's square output, and score pairs it with the square output on the target side
-    assert {s.meta["train_output"]["kind"] for s in module.stores} == {"square"} and module.hparams.output == "square"
+    # the default featurize is the paper's Eq. 3, and score pairs it with the loss on the target side
+    assert {s.meta["train_output"]["kind"] for s in module.stores} == {"loss"} and module.hparams.output == "loss"
     # a model trained on all N rows: members "auto" are every row, the store's own kernel, the keys of "all"
     assert all(mem.all_rows for mem in module.members) and module.ranked_rows is None
     assert not list((root / "fit" / "features").rglob("kernel_members_*"))

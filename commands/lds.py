@@ -188,7 +188,13 @@ class LDSCommands:
         ``counterfactual/results/`` and a rerun reads the finished ones (the tables are built from them).
         """
         out = plan.root / "counterfactual"
-        saved = torch.load(plan.root / "report" / "chosen_scores.pt", weights_only=False)
+        saved_path = plan.root / "report" / "chosen_scores.pt"
+        saved = torch.load(saved_path, weights_only=False)
+        missing = [m for m in plan.cf_methods if m not in saved["scores"]]
+        if missing:  # before any work
+            raise ValueError(f"Expected every method of `plan.cf_methods` scored by the last lds_report, but "
+                             f"{missing} are not in {saved_path} (it has {sorted(saved['scores'])}); run lds_report "
+                             f"with them in `plan.methods` first")
         targets = load_targets(plan.targets, saved["target_ids"])
         steps, report = saved["steps"], saved["report"].tolist()
         report_targets = [targets[b] for b in report]

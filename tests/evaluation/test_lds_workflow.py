@@ -185,6 +185,9 @@ def test_heldout_lambda_choice_never_sees_report_targets(chain):
 
 
 def test_counterfactual_tables_and_plots(chain):
+    with pytest.raises(ValueError, match=r"plan.cf_methods.*\['dual'\].*run lds_report"):  # not scored: refused
+        run(_args(chain, "counterfactual", '--plan.cf_methods=["trak", "dual"]'))
+    assert not (chain["root"] / "counterfactual" / "models").exists()
     run(_args(chain, "counterfactual"))
     out = chain["root"] / "counterfactual"
     summary = json.loads((out / "counterfactual.json").read_text())

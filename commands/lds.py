@@ -153,20 +153,30 @@ class LDSCommands:
 
         scores = {m: score(m) for m in plan.methods}
         report = reported(scores)
+        refused: dict[str, str] = {}   # method -> why its grid cannot be extended further (e.g. damping too small)
         for _ in range(plan.extend_grid):  # a ridge chosen at the edge of its grid: extend the grid past it
-            edges = edge_methods(report)
+            edges = {m: sides for m, sides in edge_methods(report).items() if m not in refused}
             if not edges:
                 break
             for method, sides in edges.items():
                 grid = extended_grid(scores[method].lambdas, sides)
+                try:
+                    extended = score(method, grid)
+                except ValueError as error:   # the estimator refuses the grid (EK-FAC: not positive definite)
+                    refused[method] = str(error)
+                    rank_zero_warn(f"lds_report: {method}'s grid cannot be extended to {grid}: {error}; its choice "
+                                   f"stays at the edge of {scores[method].lambdas} (flagged lambda_at_grid_edge)")
+                    continue
                 if hasattr(scores[method], "close"):
                     scores[method].close()
-                scores[method] = score(method, grid)
+                scores[method] = extended
             report = reported(scores)
         for method, sides in edge_methods(report).items():
-            rank_zero_warn(f"lds_report: {method}'s ridge chosen on held-out targets is still at the {'/'.join(sides)} "
-                           f"edge of its grid {scores[method].lambdas} after {plan.extend_grid} extensions "
-                           f"(flagged lambda_at_grid_edge in lds.csv and comparison.csv; raise plan.extend_grid)")
+            if method not in refused:
+                rank_zero_warn(f"lds_report: {method}'s ridge chosen on held-out targets is still at the "
+                               f"{'/'.join(sides)} edge of its grid {scores[method].lambdas} after {plan.extend_grid} "
+                               f"extensions (flagged lambda_at_grid_edge in lds.csv and comparison.csv; raise "
+                               f"plan.extend_grid)")
         write_report(report, steps, out, getattr(self, "logger", None))
         chosen = {m: chosen_scores(scores[m], report["results"][m]) for m in scores}
         atomic_torch_save({"scores": chosen, "steps": steps, "target_ids": [t.target_id for t in targets],

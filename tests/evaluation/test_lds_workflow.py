@@ -455,6 +455,29 @@ def test_comparison_table_and_grid_edges(chain):
         assert grid == ([0.01, 0.1, 1.0] if lam == 0.1 else [0.1, 1.0, 10.0])
 
 
+def test_a_grid_the_estimator_refuses_to_extend_keeps_its_scores_and_the_flag(chain, monkeypatch):
+    """EK-FAC refuses a damping too small for a positive definite curvature: the report keeps that method's
+    scores on the grid it had, flags the edge, and still extends the others."""
+    import commands.lds as lds_commands
+
+    real = lds_commands.method_scores
+
+    def refusing(method, *args, lambdas=None, **kwargs):
+        if method == "kfac_1ckpt" and lambdas is not None:
+            raise ValueError("Expected `damping` large enough for a positive definite curvature")
+        return real(method, *args, lambdas=lambdas, **kwargs)
+
+    monkeypatch.setattr(lds_commands, "method_scores", refusing)
+    run(_args(chain, "lds_report", '--plan.methods=["trak", "kfac_1ckpt", "pixel"]',
+              "--plan.relative_lambdas=[0.1, 1.0]", "--plan.extend_grid=2"))
+    out = chain["root"] / "report"
+    sweep = json.loads((out / "lambda_sweep.json").read_text())
+    assert sorted({r["lambda"] for r in sweep if r["method"] == "kfac_1ckpt"}) == [0.1, 1.0]
+    assert len({r["lambda"] for r in sweep if r["method"] == "trak"}) > 2
+    lds = json.loads((out / "lds.json").read_text())
+    assert all(r["lambda_at_grid_edge"] for r in lds if r["method"] == "kfac_1ckpt")
+
+
 def test_lds_featurize_stores_each_subset_models_final_checkpoint_once(chain):
     """lds_featurize: `cli.py featurize` of every finished subset model's final checkpoint (the plan's flags),
     claimed through the launcher's machinery; a second run finds every store done."""

@@ -24,7 +24,8 @@ import torch
 from attribution import (choose_lambda_heldout, lds_table, paired_difference, predicted_outputs, seed_noise_ceiling,
                          split_targets, write_table)
 from attribution.lds import (LambdaChoice, LDSResult, combined_se, lds_from_predictions, lds_per_lambda_from_predictions,
-                             lds_specific_from_predictions, leave_one_mask_out, mask_jackknife_se, nan_mean_se)
+                             lds_specific_from_predictions, leave_one_mask_out, mask_jackknife_se, nan_mean_se,
+                             target_specific)
 from attribution.plots import plot_lambda_sweep, plot_lds_vs_step
 from evaluation.plan import TRAK_METHODS  # noqa: F401 (kept name)
 
@@ -99,6 +100,10 @@ def build_report(scores: dict, masks: torch.Tensor, actual: torch.Tensor, replic
               for m in results}
     ceiling = seed_noise_ceiling(replicates, num_seeds=seeds_per_mask) if replicates is not None else None
     ceiling_report, ceiling_se = (None, None) if ceiling is None else nan_mean_se(ceiling.ceiling[report], 0)[:2]
+    specific_ceiling = None   # the same ceiling for the target-specific LDS (each replicate's common part removed)
+    if replicates is not None and report.numel() >= 2:
+        parts = torch.stack([target_specific(r[:, report]) for r in replicates])
+        specific_ceiling = nan_mean_se(seed_noise_ceiling(parts, num_seeds=seeds_per_mask).ceiling, 0)[0]
     rows = lds_table(results, steps, ceiling_report)
     for row in rows:
         s = list(steps).index(row["step"])
@@ -106,6 +111,7 @@ def build_report(scores: dict, masks: torch.Tensor, actual: torch.Tensor, replic
         row.update(lds_se_masks=_at(u["se_masks"], s), lds_se_total=float(combined_se(row["lds_se"], _at(u["se_masks"], s))),
                    specific_mean=float(u["specific"].mean[s]),
                    specific_se_total=float(combined_se(float(u["specific"].se[s]), _at(u["specific_se_masks"], s))),
+                   specific_ceiling=_at(specific_ceiling, s),
                    ceiling_se=math.nan if ceiling_se is None else float(ceiling_se[s]),
                    num_models=int(masks.shape[0]), seeds_per_mask=seeds_per_mask, targets="report")
         choice = results[row["method"]]
@@ -135,6 +141,7 @@ def build_report(scores: dict, masks: torch.Tensor, actual: torch.Tensor, replic
     if ceiling is not None:
         tables["ceiling"] = [{"step": int(t), "ceiling": float(ceiling_report[s]), "ceiling_se": float(ceiling_se[s]),
                               "noise_fraction_single_seed": float(nan_mean_se(ceiling.noise_fraction[report], 0)[0][s]),
+                              "specific_ceiling": _at(specific_ceiling, s),
                               "replicate_seeds": int(replicates.shape[0]), "replicate_masks": int(replicates.shape[1]),
                               "seeds_averaged": seeds_per_mask} for s, t in enumerate(steps)]
     return {"tables": tables, "results": results, "heldout": heldout, "report": report}

@@ -148,7 +148,8 @@ def test_report_tables_have_finite_values_and_expected_rows(chain):
     assert [(r["method"], r["step"]) for r in rows] == [(m, t) for m in methods for t in (900, 500)]
     for r in rows:
         assert math.isfinite(r["lds_mean"]) and r["num_models"] == 4 and r["targets"] == "report"
-        assert math.isfinite(r["ceiling"])
+        assert math.isfinite(r["ceiling"]) and math.isfinite(r["specific_ceiling"])
+        assert r["lds_se_total"] >= r["lds_se"] and math.isfinite(r["lds_se_masks"])
         assert (r["lambda"] is not None) == r["method"].startswith("trak")
     sweep = json.loads((out / "lambda_sweep.json").read_text())
     assert len(sweep) == 3 * 3 * 2 and all(math.isfinite(r["heldout_lds_mean"]) for r in sweep)

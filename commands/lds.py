@@ -247,8 +247,9 @@ class LDSCommands:
                        f"plan.formation_steps, plan.num_completions)")
         formation = phase("formation", lambda: cf.feature_formation(plan, formation_targets, formation_steps,
                                                                     original, classifier, n_steps, results))
+        versus = [m for m in dict.fromkeys(["random", *plan.paired_versus]) if m in plan.cf_methods]
         cf.write_counterfactual(out, rows, cf.summarize(rows), consistency_rows, formation, formation_steps,
-                                formation_targets)
+                                formation_targets, versus)
         rank_zero_info(f"counterfactual: {results.reused} of {results.total} results reused; {len(rows)} retrained "
                        f"models measured -> {out}")
         return out

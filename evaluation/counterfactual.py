@@ -369,9 +369,33 @@ def feature_formation(plan: LDSPlan, targets: Sequence[Trajectory], steps: Seque
     return out
 
 
-def write_counterfactual(out: Path, rows, summary, consistency_rows, formation, steps, targets) -> None:
+def paired_removals(rows: Sequence[dict], versus: Sequence[str] = ("random",),
+                    metrics=("fid", "completion_l2", "forgetting_l2")) -> list[dict]:
+    """Each method minus each of ``versus`` per (metric, k, step), paired over the targets both removed for:
+    mean, s.e. (ddof=1) and ``z = mean / se`` (a removal that moves completions more than random has z > 2)."""
+    cell = {(r["method"], r["k"], r["step"], r["target_id"]): r for r in rows}
+    out = []
+    for metric in metrics:
+        for base in versus:
+            for method, k, t in sorted({(r["method"], r["k"], r["step"]) for r in rows if r["method"] != base}):
+                diffs = [cell[(method, k, t, b)][metric] - cell[(base, k, t, b)][metric]
+                         for (m, kk, tt, b) in cell if (m, kk, tt) == (method, k, t) and (base, k, t, b) in cell
+                         and metric in cell[(method, k, t, b)] and metric in cell[(base, k, t, b)]]
+                if not diffs:
+                    continue
+                mean, se, n = nan_mean_se(torch.tensor(diffs, dtype=torch.float64))
+                out.append({"metric": metric, "method": method, "versus": base, "k": k, "step": t,
+                            "diff_mean": float(mean), "diff_se": float(se), "z": float(mean / se) if se > 0 else math.nan,
+                            "n_targets": int(n)})
+    return out
+
+
+def write_counterfactual(out: Path, rows, summary, consistency_rows, formation, steps, targets,
+                         versus: Sequence[str] = ("random",)) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    for name, table in (("per_target", rows), ("counterfactual", summary), ("seed_consistency", consistency_rows)):
+    paired = paired_removals(rows, versus)
+    for name, table in (("per_target", rows), ("counterfactual", summary), ("paired", paired),
+                        ("seed_consistency", consistency_rows)):
         if table:
             write_table(table, out / f"{name}.csv", out / f"{name}.json")
     for metric in ("fid", "completion_l2", "forgetting_l2"):

@@ -195,6 +195,14 @@ def test_counterfactual_tables_and_plots(chain):
     assert {(r["metric"], r["method"]) for r in summary} == {(m, method) for m in ("fid", "completion_l2", "forgetting_l2")
                                                              for method in ("trak", "random")}
     assert all(r["value"] is not None and r["value"] >= 0 for r in summary)
+    per_target = {(r["method"], r["target_id"]): r for r in json.loads((out / "per_target.json").read_text())}
+    paired = json.loads((out / "paired.json").read_text())   # trak minus random, paired over the targets
+    assert {(r["metric"], r["method"], r["versus"]) for r in paired} == {
+        (m, "trak", "random") for m in ("fid", "completion_l2", "forgetting_l2")}
+    for r in paired:
+        diffs = [per_target[("trak", b)][r["metric"]] - per_target[("random", b)][r["metric"]]
+                 for (m, b) in per_target if m == "trak"]
+        assert r["diff_mean"] == pytest.approx(float(np.mean(diffs)), abs=1e-12) and r["n_targets"] == len(diffs)
     consistency = json.loads((out / "seed_consistency.json").read_text())
     assert len(consistency) == 1 and consistency[0]["l2_same_seed_mean"] > 0
     formation = json.loads((out / "feature_formation.json").read_text())

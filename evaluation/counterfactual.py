@@ -376,8 +376,9 @@ def paired_removals(rows: Sequence[dict], versus: Sequence[str] = ("random",),
     cell = {(r["method"], r["k"], r["step"], r["target_id"]): r for r in rows}
     out = []
     for metric in metrics:
-        for base in versus:
-            for method, k, t in sorted({(r["method"], r["k"], r["step"]) for r in rows if r["method"] != base}):
+        for i, base in enumerate(versus):   # each pair once: no "random minus pixel" beside "pixel minus random"
+            for method, k, t in sorted({(r["method"], r["k"], r["step"]) for r in rows
+                                        if r["method"] != base and r["method"] not in versus[:i]}):
                 diffs = [cell[(method, k, t, b)][metric] - cell[(base, k, t, b)][metric]
                          for (m, kk, tt, b) in cell if (m, kk, tt) == (method, k, t) and (base, k, t, b) in cell
                          and metric in cell[(method, k, t, b)] and metric in cell[(base, k, t, b)]]

@@ -108,9 +108,10 @@ def build_report(scores: dict, masks: torch.Tensor, actual: torch.Tensor, replic
     for row in rows:
         s = list(steps).index(row["step"])
         u = spread[row["method"]]
-        row.update(lds_se_masks=_at(u["se_masks"], s), lds_se_total=float(combined_se(row["lds_se"], _at(u["se_masks"], s))),
+        se_masks, specific_se_masks = _at(_jackknife(u["loo"]), s), _at(_jackknife(u["specific_loo"]), s)
+        row.update(lds_se_masks=se_masks, lds_se_total=float(combined_se(row["lds_se"], se_masks)),
                    specific_mean=float(u["specific"].mean[s]),
-                   specific_se_total=float(combined_se(float(u["specific"].se[s]), _at(u["specific_se_masks"], s))),
+                   specific_se_total=float(combined_se(float(u["specific"].se[s]), specific_se_masks)),
                    specific_ceiling=_at(specific_ceiling, s),
                    ceiling_se=math.nan if ceiling_se is None else float(ceiling_se[s]),
                    num_models=int(masks.shape[0]), seeds_per_mask=seeds_per_mask, targets="report")
@@ -157,16 +158,13 @@ def chosen_predictions(predictions: torch.Tensor, result, report: torch.Tensor) 
 
 
 def mask_uncertainty(predictions: torch.Tensor, actual: torch.Tensor) -> dict:
-    """What the s.e. over targets leaves out: leave-one-model-out LDS means ``loo (J, S)`` and their jackknife
-    s.e. ``se_masks (S,)`` (None below 4 models), and the same for the target-specific LDS (``specific``:
-    an :class:`LDSResult`)."""
-    out = {"specific": lds_specific_from_predictions(predictions, actual), "loo": None, "se_masks": None,
-           "specific_loo": None, "specific_se_masks": None}
-    if predictions.shape[0] >= 4:
-        out["loo"] = leave_one_mask_out(predictions, actual)
-        out["specific_loo"] = leave_one_mask_out(predictions, actual, specific=True)
-        out["se_masks"], out["specific_se_masks"] = mask_jackknife_se(out["loo"]), mask_jackknife_se(out["specific_loo"])
-    return out
+    """What the s.e. over targets leaves out: leave-one-model-out LDS means ``loo (J, S)`` (None below 4 models;
+    their jackknife s.e. is :func:`_jackknife`), and the same ``specific_loo`` for the target-specific LDS
+    (``specific``: an :class:`LDSResult`)."""
+    enough = predictions.shape[0] >= 4
+    return {"specific": lds_specific_from_predictions(predictions, actual),
+            "loo": leave_one_mask_out(predictions, actual) if enough else None,
+            "specific_loo": leave_one_mask_out(predictions, actual, specific=True) if enough else None}
 
 
 def _jackknife(loo: Optional[torch.Tensor], minus: Optional[torch.Tensor] = None, over_steps: bool = False):

@@ -76,7 +76,7 @@ from .seeding import cpu_generator
 from .task import math_attention
 
 __all__ = ["FISHERS", "STRATEGIES", "DAMPING_SCALES", "LayerSpec", "LayerFactors", "EKFACFactors", "fit_ekfac",
-           "ekfac_gradients", "precondition", "ekfac_scores", "ekfac_damping_sweep", "pseudo_targets"]
+           "ekfac_gradients", "denominators", "precondition", "ekfac_scores", "ekfac_damping_sweep", "pseudo_targets"]
 
 log = logging.getLogger(__name__)
 
@@ -543,7 +543,9 @@ def _check_damping(damping) -> float:
     return float(damping)
 
 
-def _denominators(factors: EKFACFactors, damping: float, damping_scale: str, strategy: str) -> list[Tensor]:
+def denominators(factors: EKFACFactors, damping: float, damping_scale: str = "layer",
+                 strategy: str = "ekfac") -> list[Tensor]:
+    """``Lambda_l + damping_l`` per layer (float64), refused unless every one is positive (a definite curvature)."""
     damping = _check_damping(damping)
     _checks.one_of("damping_scale", damping_scale, DAMPING_SCALES)
     eigs = [lf.eigenvalues(strategy) for lf in factors.layers]
@@ -590,7 +592,7 @@ def precondition(factors: EKFACFactors, target_grads: Mapping[str, Tensor], damp
     """``{module: Q_S [(Q_S^T G_t Q_A) / (Lambda + damping_l)] Q_A^T}`` ``(T, out, in')`` float64."""
     _check_grads(factors, target_grads, "target_grads")
     out = {}
-    for lf, den in zip(factors.layers, _denominators(factors, damping, damping_scale, strategy)):
+    for lf, den in zip(factors.layers, denominators(factors, damping, damping_scale, strategy)):
         g = target_grads[lf.spec.module]
         qs, qa, den = (t.to(g.device) for t in (lf.gradient_eigenvectors, lf.activation_eigenvectors, den))
         out[lf.spec.module] = qs @ ((qs.T @ g.double() @ qa) / den) @ qa.T

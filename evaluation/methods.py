@@ -44,7 +44,6 @@ from attribution import (FeatureStore, StepOutput, embedding_cosine_scores, feat
 from attribution.dual import GramKernel, finalize_gram, gram_scores_sweep, load_gram
 from attribution.ekfac import EKFACFactors, ekfac_damping_sweep, ekfac_gradients, fit_ekfac
 from attribution.featurize import read_cost
-from attribution.outputs import make_output
 from attribution.scoring import PRIMAL_MAX_DIM, default_device, score_pass, sweep_solves
 from attribution.ema import resolve_denoiser
 from attribution.identity import weights_hash
@@ -53,6 +52,7 @@ from attribution.trajectory import Trajectory, recorded_at
 from attribution.featurize import projector_from_meta
 from attribution.store import open_feature_stores
 from evaluation.plan import BASELINES, LDSPlan, parse_method, settings_hash
+from lightning_modules.influence import TrainingRows, store_train_output
 from lightning_modules.loading import load_diffusion_module
 
 log = logging.getLogger(__name__)
@@ -364,27 +364,6 @@ def gram_kernel(store: FeatureStore) -> GramKernel:
         return load_gram(store)
     except FileNotFoundError:
         return finalize_gram(store)
-
-
-class TrainingRows:
-    """Re-iterable ``(x0, keys, cond)`` batches of all N training examples in index order, as the module
-    featurizes them (``datamodule.featurize_dataloader`` and ``module.attribution_inputs``)."""
-
-    def __init__(self, datamodule, module, batch_size: int) -> None:
-        self.datamodule, self.module, self.batch_size = datamodule, module, batch_size
-
-    def __iter__(self):
-        rows = list(range(int(self.datamodule.num_examples)))
-        for batch in self.datamodule.featurize_dataloader(rows, batch_size=self.batch_size):
-            yield self.module.attribution_inputs(batch)
-
-
-def store_train_output(store: FeatureStore):
-    """The training-side output a store was featurized with (its draws, timesteps, noise sharing)."""
-    recorded = store.meta["train_output"]
-    return make_output(f"train_{recorded['kind']}", num_draws=recorded["num_draws"], seed=recorded["seed"],
-                       share_noise=recorded["share_noise"], timesteps=recorded.get("timesteps", "uniform"),
-                       timestep_range=recorded.get("timestep_range"))
 
 
 def ekfac_method_scores(spec, plan: LDSPlan, stores: Sequence[FeatureStore], targets: Sequence[Trajectory],

@@ -28,6 +28,16 @@ the mask its checkpoint records, hash checked; formed once per store before any 
 among the members by default (``rank``), and the report gives the member fraction of every top-k. A model
 trained on all N rows uses the store's own kernel: the same scores as before members existed, bit for bit.
 
+Influence with a Kronecker-factored curvature (``estimator="kfac"`` or ``"ekfac"``, :mod:`attribution.ekfac`)
+instead of TRAK's projected kernel: each checkpoint's K-FAC / EK-FAC factors are fitted once on its members, with
+its store's training-side function (``lightning_modules.influence``; saved under ``out_dir/influence`` with a
+key of everything that changes them), before any pair. A pass then preconditions the batch's (unprojected)
+target gradients, ``(C_m + damping)^-1 grad f_t``, and walks the N training examples once through checkpoint
+m: ``tau_i = 1/M sum_m g_{m,i}^T (C_m + damping)^-1 grad f_t`` for every row (same sign as TRAK's). The
+stores give only the checkpoints and their settings (their projected features are not read); a pass costs one
+gradient of every training example per checkpoint and holds ``pairs x p`` floats, so keep ``pairs_per_pass``
+large enough to amortize it and small enough for memory.
+
 Everything is checked before the first pair is computed: every store (complete, finalized, sizes and
 checksums), the checkpoint each store was made from (readable, finite, its stamped checksum, the store's
 weights), the targets (readable, recorded from a model trained on the features' data, the requested
@@ -51,6 +61,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from attribution import FeatureStore, StepOutput, featurize_batch, relative_lambda
+from attribution.ekfac import FISHERS, denominators, ekfac_gradients, ekfac_scores
 from attribution.ema import resolve_denoiser
 from attribution.members import RANKS, Members, check_members_setting, recorded_membership, resolve_members
 from attribution.scoring import (KernelEigen, load_member_kernel, load_spectrum, member_kernel, member_kernel_files,
@@ -64,6 +75,7 @@ from attribution.identity import tensors_hash, weights_hash
 from attribution.patches import load_patch
 from attribution.store import open_feature_stores
 from callbacks.score_writer import ScoreWriter, pair_file, pair_status
+from lightning_modules.influence import ESTIMATORS, TrainingRows, factors_file, member_factors, store_train_output
 from lightning_modules.loading import load_diffusion_module
 
 
@@ -121,6 +133,13 @@ class AttributionModule(LightningModule):
             score lacks the damping 1/(1 + phi^T (K_M + lambda I)^-1 phi) of an exact add, so non-members are
             favoured, the more as d nears the number of members) or "nonmembers" (only the rows no checkpoint was
             trained on: the predicted effect of ADDING them). The written score vectors always hold all N rows.
+        estimator: "trak" (default: the paper's projected kernel) or "kfac" / "ekfac" (influence with the K-FAC /
+            EK-FAC curvature fitted on each checkpoint's members, see above; needs ``attach_data``).
+        damping: kfac/ekfac only: added to each layer's curvature eigenvalues, relative to their mean (the LDS
+            plan's held-out choice on digits was 1e-4 to 1e-3, with held-out LDS flat within 0.01 over 1e-4..1e-2).
+        fisher: kfac/ekfac only: "empirical" (the training loss's own gradients) or "sampled" (pseudo-targets seeded
+            by ``draw_seed``: the GGN), see :func:`attribution.ekfac.fit_ekfac`.
+        influence_batch_size: kfac/ekfac only: training examples per forward/backward of the fit and score passes.
     """
 
     def __init__(self, features: str, targets: str, out_dir: Optional[str] = None, output: Optional[str] = None,
@@ -128,10 +147,12 @@ class AttributionModule(LightningModule):
                  topk: int = 8, steps: Optional[list[int]] = None, target_ids: Optional[list[int]] = None,
                  patch: Optional[str] = None, pair_batch_size: int = 4, use_ema: Optional[bool] = None,
                  pairs_per_pass: int = 1024, precision: str = "float32", module_class: Optional[str] = None,
-                 members: Optional[str] = "auto", rank: str = "members") -> None:
+                 members: Optional[str] = "auto", rank: str = "members", estimator: str = "trak",
+                 damping: float = 0.001, fisher: str = "empirical", influence_batch_size: int = 64) -> None:
         super().__init__()
         check_score_settings(output, num_draws, draw_seed, relative_lam, topk, steps, target_ids, pair_batch_size,
                              pairs_per_pass, precision, members, rank)
+        check_influence_settings(estimator, damping, fisher, influence_batch_size)
         self.save_hyperparameters()
         self.out_dir = Path(out_dir) if out_dir else Path(targets).parent / "scores"
         self.stores = open_feature_stores(features)  # every store checked: sizes, complete, checksums
@@ -146,7 +167,8 @@ class AttributionModule(LightningModule):
         self.pair_keys = self._pair_keys()
         self.resume_counts: dict[str, int] = {}
         self.resident = ResidentCheckpoint(self._load_resident)
-        self.tasks, self.denoisers, self.projectors = (self.resident.view(i) for i in range(3))
+        self.tasks, self.denoisers, self.projectors, self.checkpoint_modules = (self.resident.view(i) for i in range(4))
+        self.factors: list = []
         self.data: Any = None
         self._loaded = False
 
@@ -162,6 +184,13 @@ class AttributionModule(LightningModule):
     def setup(self, stage: str) -> None:
         if self._loaded:
             return
+        if self.hparams.estimator != "trak":  # the factors are fitted at on_predict_start, on the pass's device
+            if self.data is None:
+                raise SettingsError(f"Expected the training data for estimator={self.hparams.estimator!r} (its factors "
+                                    "and every score pass walk the training examples), but none is attached: call "
+                                    "trainer.predict(module.attach_data(datamodule)) (cli.py score does)")
+            self._loaded = True
+            return
         for m in range(len(self.stores)):  # every checkpoint checked (weights hash) before any pair, one at a time
             self.resident.get(m)
         self.resident.release()  # setup runs before Lightning picks the device: the pass loads them there
@@ -170,6 +199,34 @@ class AttributionModule(LightningModule):
             for s, mem, folder in zip(self.stores, self.members, self.kernel_dirs)]
         self.lams = [relative_lambda(k, self.hparams.relative_lam) for k in self.kernels]
         self._loaded = True
+
+    def on_predict_start(self) -> None:
+        if self.hparams.estimator != "trak" and not self.factors:
+            self._setup_influence()
+
+    def _setup_influence(self) -> None:
+        """Each checkpoint's K-FAC / EK-FAC factors over its members: loaded, or fitted and saved (rank 0 fits, the
+        other ranks wait and load), and the damping checked against them, before any pair (on the pass's device)."""
+        strategy, trainer = self.hparams.estimator, getattr(self, "_trainer", None)
+        rank = trainer.global_rank if trainer is not None else 0
+        paths = [factors_file(self.out_dir / "influence", store, strategy, self.hparams.fisher, self.hparams.draw_seed,
+                              mem.hash, self._use_ema(store)) for store, mem in zip(self.stores, self.members)]
+        for phase in (0, 1):  # rank 0 fits what is missing; then every rank loads (the same files)
+            if (phase == 0) == (rank == 0):
+                self.factors = []
+                for m, (store, mem, path) in enumerate(zip(self.stores, self.members, paths)):
+                    task, model, _, module = self.resident.get(m)
+                    rank_zero_info(f"score: {strategy} factors of checkpoint {store.meta['checkpoint']['file']} over "
+                                   f"its {len(mem.indices)} members ({'cached' if path.exists() else 'fitting now'})")
+                    factors = member_factors(path, task, model, module, store, self.data, mem.indices.tolist(),
+                                             strategy=strategy, fisher=self.hparams.fisher, seed=self.hparams.draw_seed,
+                                             batch_size=self.hparams.influence_batch_size, device=self.device)
+                    factors.check(model, task, store_train_output(store))
+                    denominators(factors, self.hparams.damping, "layer", strategy)  # refused now, not at a pass
+                    self.factors.append(factors)
+            if phase == 0 and trainer is not None and trainer.world_size > 1:
+                trainer.strategy.barrier("influence_factors")
+        self.resident.release()
 
     def _store_members(self, store: FeatureStore) -> Members:
         """The members of the store's checkpoint (``members``), the checkpoint read and checked on the way."""
@@ -182,12 +239,14 @@ class AttributionModule(LightningModule):
         N rows (the store's own kernel). Saved in the store's folder, or under ``out_dir`` when that is read-only."""
         self.kernel_dirs: list[Optional[Path]] = []
         for store, mem in zip(self.stores, self.members):
-            folder = None if mem.all_rows else member_kernel_dir(store, mem.hash, self.out_dir)
+            trak = self.hparams.estimator == "trak"  # kfac/ekfac fit their factors over the members instead
+            folder = None if mem.all_rows or not trak else member_kernel_dir(store, mem.hash, self.out_dir)
             self.kernel_dirs.append(folder)
             if folder is not None:
                 member_kernel(store, mem.indices, mem.hash, folder, eigenvectors=False)
         described = sorted({f"{len(mem.indices)} of {mem.num_examples} rows: {mem.source}" for mem in self.members})
-        rank_zero_info(f"score: members of the {len(self.stores)} stores (the kernels' rows): {'; '.join(described)}; "
+        what = "the kernels' rows" if self.hparams.estimator == "trak" else f"the {self.hparams.estimator} factors' rows"
+        rank_zero_info(f"score: members of the {len(self.stores)} stores ({what}): {'; '.join(described)}; "
                        f"top-k ranked among {self.hparams.rank!r}")
 
     def member_kernel(self, m: int) -> Optional[KernelEigen]:
@@ -196,12 +255,15 @@ class AttributionModule(LightningModule):
         return None if mem.all_rows else load_member_kernel(self.stores[m], mem.hash, self.kernel_dirs[m])
 
     def _load_resident(self, m: int) -> tuple:
-        """(task, denoiser on this module's device, projector) of checkpoint ``m``, its weights hash checked."""
+        """(task, denoiser on this module's device, projector, module) of checkpoint ``m``, its weights hash
+        checked (the module, whose ``attribution_inputs`` make training batches, on the device too)."""
         store = self.stores[m]
         module = self._load_checkpoint(store)
+        if self.hparams.estimator != "trak":
+            module = module.to(self.device).eval()
         denoiser = resolve_denoiser(module, self._use_ema(store)).model
         projector = projector_from_meta(store.meta["projector"], denoiser)
-        return module.attribution_task(), denoiser.to(self.device).eval(), projector
+        return module.attribution_task(), denoiser.to(self.device).eval(), projector, module
 
     def _load_checkpoint(self, store: FeatureStore) -> LightningModule:
         meta = store.meta["checkpoint"]
@@ -252,6 +314,9 @@ class AttributionModule(LightningModule):
     def _pair_keys(self) -> dict[tuple[int, int], str]:
         """{(target id, timestep): key}: a hash of everything that changes the pair's scores."""
         members = {} if all(mem.all_rows for mem in self.members) else {"members": [m.hash for m in self.members]}
+        if self.hparams.estimator != "trak":  # (TRAK's keys stay those of before: its pair files remain valid)
+            members.update({k: self.hparams[k] for k in ("estimator", "damping", "fisher")},
+                           members=[m.hash for m in self.members])
         common = json.dumps({"format": 2, "stores": [s.identity() for s in self.stores], **members,
                              "use_ema": [self._use_ema(s) for s in self.stores],
                              **{k: self.hparams[k] for k in ("output", "num_draws", "draw_seed", "share_noise",
@@ -273,6 +338,8 @@ class AttributionModule(LightningModule):
     # ----------------------------------------------------------------- scoring
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         """One pass (see the module docstring): ``{"target", "t", "scores": ScoreColumns (N, pairs) on disk}``."""
+        if self.hparams.estimator != "trak":
+            return {"target": batch["target"].cpu(), "t": batch["t"].cpu(), "scores": self.influence_pass(batch)}
         solved = [self.solve_checkpoint(m, batch) for m in range(len(self.stores))]
         where = f"of targets {batch['target'].tolist()} at steps {batch['t'].tolist()}"
         result = score_pass(self.stores, solved, device=self.device, precision=self.hparams.precision,
@@ -294,6 +361,53 @@ class AttributionModule(LightningModule):
                 grads.append(g)
         dtype = torch.float64 if self.hparams.precision == "float64" else torch.float32
         return solve_targets(self.stores[m], torch.cat(grads), self.lams[m], kernel=self.member_kernel(m)).to(dtype)
+
+    def influence_pass(self, batch: dict) -> torch.Tensor:
+        """``(N, pairs)`` float32 K-FAC / EK-FAC scores of the batch's pairs, averaged over the checkpoints: per
+        checkpoint, the pairs' layer gradients (vmap-free hooks, ``pair_batch_size`` at a time), then one pass over
+        the N training examples (:func:`attribution.ekfac.ekfac_scores`) in the compute ``precision``."""
+        dtype = torch.float64 if self.hparams.precision == "float64" else torch.float32
+        total = None
+        with torch.inference_mode(False), torch.enable_grad():
+            for m, (store, factors) in enumerate(zip(self.stores, self.factors)):
+                task, model, _, module = self.resident.get(m)
+                grads = self.influence_gradients(m, factors, batch)
+                rows = TrainingRows(self.data, module, self.hparams.influence_batch_size, device=self.device)
+                scores = ekfac_scores(factors, task, model, store_train_output(store), rows, grads,
+                                      self.hparams.damping, strategy=self.hparams.estimator, dtype=torch.float64)
+                if scores.shape[0] != store.N:
+                    raise SettingsError(f"Expected {self.hparams.estimator} scores for the N = {store.N} training "
+                                        f"examples of store {store.path}, but the training data gave {scores.shape[0]}")
+                total = scores if total is None else total + scores
+        return (total / len(self.stores)).to(dtype).float()
+
+    def influence_gradients(self, m: int, factors, batch: dict) -> dict:
+        """``{layer: (pairs, out, in')}`` unprojected gradients of the step output at checkpoint ``m``."""
+        task, model = self.tasks[m], self.denoisers[m].eval()
+        file = self.stores[m].meta["checkpoint"].get("file")
+        parts: dict = {}
+        for rows in torch.arange(len(batch["t"])).split(self.hparams.pair_batch_size):
+            x_t, t = batch["x_t"][rows].clone().to(self.device), batch["t"][rows].clone().to(self.device)
+            target = batch["target"][rows].clone()
+            cond = batch["cond"][rows].clone().to(self.device) if "cond" in batch else None
+            with torch.no_grad():
+                estimate = task.x0_hat(model, x_t, t, cond)
+            block: dict = {}
+            for group, mask in self._mask_groups(target):
+                output = StepOutput(self.hparams.num_draws, self.hparams.draw_seed, kind=self.hparams.output,
+                                    mask=None if mask is None else mask.to(x_t.device),
+                                    share_noise=self.hparams.share_noise)
+                grads = ekfac_gradients(task, model, output, factors, estimate[group], target[group].to(self.device),
+                                        cond=None if cond is None else cond[group], steps=t[group])
+                for name, g in grads.items():
+                    if name not in block:
+                        block[name] = g.new_zeros((len(rows),) + tuple(g.shape[1:]))
+                    block[name][group.to(g.device)] = g
+            for name, g in block.items():
+                require_finite(g, "target gradients", f"of layer {name!r} at checkpoint {file} for targets "
+                               f"{target.tolist()} at steps {t.tolist()}")
+                parts.setdefault(name, []).append(g)
+        return {name: torch.cat(p) for name, p in parts.items()}
 
     def target_gradients(self, m: int, x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor,
                          cond: Optional[torch.Tensor]) -> torch.Tensor:
@@ -320,7 +434,7 @@ class AttributionModule(LightningModule):
 
 
 class ResidentCheckpoint:
-    """The ``(task, denoiser, projector)`` of ONE checkpoint at a time: asking for another checkpoint drops the
+    """The ``(task, denoiser, projector, module)`` of ONE checkpoint at a time: asking for another checkpoint drops the
     current one, then loads the other (``load(m)``). ``view(i)`` indexes like a list: ``view(1)[m]`` is the
     denoiser of checkpoint ``m``."""
 
@@ -382,6 +496,20 @@ def check_score_settings(output: str, num_draws: int, draw_seed: int, relative_l
             raise SettingsError(f"Expected `{name}` to list at least one value (or None: all), but got []")
         if values is not None and len(set(values)) != len(values):
             raise SettingsError(f"Expected `{name}` without repeats, but got {values}")
+
+
+def check_influence_settings(estimator: str, damping: float, fisher: str, influence_batch_size: int) -> None:
+    """Refuse an unknown estimator, a damping that is not a finite float >= 0, an unknown Fisher or batch size."""
+    if estimator not in ESTIMATORS:
+        raise SettingsError(f"Expected `estimator` to be one of {', '.join(map(repr, ESTIMATORS))}, but got "
+                            f"{estimator!r}")
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0 <= damping < float("inf"):
+        raise SettingsError(f"Expected `damping` to be a finite float >= 0 (relative to each layer's mean curvature "
+                            f"eigenvalue), but got {damping!r}")
+    if fisher not in FISHERS:
+        raise SettingsError(f"Expected `fisher` to be one of {', '.join(map(repr, FISHERS))}, but got {fisher!r}")
+    if isinstance(influence_batch_size, bool) or not isinstance(influence_batch_size, int) or influence_batch_size < 1:
+        raise SettingsError(f"Expected `influence_batch_size` to be a positive int, but got {influence_batch_size!r}")
 
 
 def ranking_rows(members: list[Members], rank: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:

@@ -32,3 +32,19 @@ def task():
 @pytest.fixture
 def repo_root() -> Path:
     return ROOT
+
+
+@pytest.fixture(scope="session")
+def subset_fit(tmp_path_factory):
+    """A tiny model fit on a 50% subset mask of N = 120 real digits (2 featurized checkpoints, every row featurized)
+    and 2 targets x 2 recorded steps (900, 0); returns ``(root, datamodule of all N, mask (N,) bool)``. Shared by
+    the members and the influence tests (each writes under its own folder names)."""
+    import numpy as np
+
+    from helpers import fitted_with_targets
+    root = tmp_path_factory.mktemp("subset_fit")
+    mask = np.random.default_rng(0).random(120) < 0.5
+    np.save(root / "mask.npy", mask)
+    root, dm = fitted_with_targets(root, proj_dim=16, num_draws=1, num_inference_steps=10, record_steps=[900, 0],
+                                   subset_mask=root / "mask.npy")
+    return root, dm, torch.from_numpy(mask)

@@ -10,6 +10,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from lightning.pytorch import Trainer, seed_everything
 
 from attribution import FeatureStore, StepOutput, featurize_batch, x0_hat
+from callbacks.score_writer import load_target_scores
 from attribution.trajectory import load_targets, save_targets
 from callbacks import TrakFeaturizeCallback
 from attribution.featurize import FeaturizeSettings, projector_from_meta
@@ -247,6 +248,14 @@ def test_cli_chain_vae_ldm_sample_with_prompts_and_score(tmp_path, monkeypatch):
           "--model.targets=targets", "--model.num_draws=2", "--trainer.logger=false"])
     assert [t.prompt for t in load_targets("targets")] == ["a handwritten digit three"] * 2
     assert (tmp_path / "scores" / "target_0001.png").exists() and data.num_examples == 40
+    # K-FAC influence through the CLI on the LDM: latents from the VAE, the caption's token states as conditioning
+    main(["score", "--config", str(CONFIGS / "score_digits.yaml"), *data_args, "--model.features=ldm/features",
+          "--model.targets=targets", "--model.num_draws=2", "--trainer.logger=false", "--model.estimator=kfac",
+          "--model.out_dir=scores_kfac", "--model.influence_batch_size=16"])
+    kfac = load_target_scores(tmp_path / "scores_kfac" / "target_0001.pt")["scores"]
+    trak = load_target_scores(tmp_path / "scores" / "target_0001.pt")["scores"]
+    assert kfac.shape == trak.shape == (40, 2) and bool(torch.isfinite(kfac).all()) and not torch.equal(kfac, trak)
+    assert len(list((tmp_path / "scores_kfac" / "influence").glob("kfac_factors_*.pt"))) == 1
 
 
 def test_ldm_trains_and_featurizes_on_webdataset_shards(tmp_path):

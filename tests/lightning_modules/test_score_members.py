@@ -19,7 +19,6 @@ from attribution.masks import mask_hash
 from attribution.scoring import load_spectrum, member_kernel_files, relative_lambda, score_pass, solve_targets
 from attribution.store import open_feature_stores
 from callbacks.score_writer import load_target_scores
-from helpers import fitted_with_targets
 from lightning_modules import AttributionModule
 from tolerances import EPS32
 
@@ -29,15 +28,9 @@ N = 120
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A tiny model fit on a 50% subset mask (2 featurized checkpoints, every row featurized) and 2 targets x 2
-    recorded steps; returns ``(root, datamodule of all N, mask (N,) bool)``."""
-    root = tmp_path_factory.mktemp("members")
-    mask = np.random.default_rng(0).random(N) < 0.5
-    np.save(root / "mask.npy", mask)
-    root, dm = fitted_with_targets(root, proj_dim=16, num_draws=1, num_inference_steps=10, record_steps=[900, 0],
-                                   subset_mask=root / "mask.npy")
-    return root, dm, torch.from_numpy(mask)
+def run(subset_fit):
+    """The shared tiny model fit on a 50% subset mask (conftest ``subset_fit``)."""
+    return subset_fit
 
 
 def module(run, out, **kw):

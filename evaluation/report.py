@@ -169,11 +169,12 @@ def mask_uncertainty(predictions: torch.Tensor, actual: torch.Tensor) -> dict:
 
 def _jackknife(loo: Optional[torch.Tensor], minus: Optional[torch.Tensor] = None, over_steps: bool = False):
     """Jackknife s.e. over models of a method's LDS (of its difference from ``minus``'s, paired by left-out
-    model) per step, or of its mean over steps; None below 4 models (no replicates)."""
+    model) per step, or of its mean over the steps where it is defined (NaN steps skipped, as the row's mean over
+    steps skips them per target); None below 4 models (no replicates)."""
     if loo is None:
         return None
     theta = loo if minus is None else loo - minus
-    return mask_jackknife_se(theta.mean(1) if over_steps else theta)
+    return mask_jackknife_se(theta.nanmean(1) if over_steps else theta)
 
 
 def _at(value: Optional[torch.Tensor], s: Optional[int] = None) -> float:

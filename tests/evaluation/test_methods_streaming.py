@@ -109,9 +109,11 @@ def test_the_report_gives_the_uncertainty_over_subset_models_and_the_target_spec
     rows = {(r["method"], r["step"]): r for r in report["tables"]["lds"]}
     targets = report["report"].tolist()
     pred = predicted_outputs(pixel.float(), masks).numpy()
+    per_step = []
     for s, t in enumerate([900, 500]):
         loo = [np.mean([spearmanr(np.delete(pred[:, b, s], j), -np.delete(actual[:, b, s].numpy(), j)).statistic
                         for b in targets]) for j in range(J)]
+        per_step.append(loo)
         want = math.sqrt((J - 1) / J * sum((v - np.mean(loo)) ** 2 for v in loo))
         row = rows[("pixel", t)]
         assert abs(row["lds_se_masks"] - want) < 1e-12
@@ -122,6 +124,9 @@ def test_the_report_gives_the_uncertainty_over_subset_models_and_the_target_spec
                 "minus_pixel_se_total", "specific_minus_pixel", "specific_minus_pixel_se_total"):
         assert math.isfinite(pixel_row[key]), key
     assert pixel_row["lds_mean_se_total"] >= pixel_row["lds_mean_se"]
+    over_steps = np.mean(per_step, axis=0)  # (J,) each left-out model's LDS, mean over the steps
+    want = math.sqrt((J - 1) / J * sum((v - over_steps.mean()) ** 2 for v in over_steps))
+    assert abs({r["method"]: r for r in report["tables"]["comparison"]}["pixel"]["lds_mean_se_masks"] - want) < 1e-12
     assert all(math.isfinite(r["diff_se_total"]) and r["diff_se_total"] >= r["diff_se"]
                for r in report["tables"]["paired"])
 

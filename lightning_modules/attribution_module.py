@@ -220,7 +220,8 @@ class AttributionModule(LightningModule):
                                    f"its {len(mem.indices)} members ({'cached' if path.exists() else 'fitting now'})")
                     factors = member_factors(path, task, model, module, store, self.data, mem.indices.tolist(),
                                              strategy=strategy, fisher=self.hparams.fisher, seed=self.hparams.draw_seed,
-                                             batch_size=self.hparams.influence_batch_size, device=self.device)
+                                             batch_size=self.hparams.influence_batch_size, device=self.device,
+                                             progress=rank == 0)
                     factors.check(model, task, store_train_output(store))
                     denominators(factors, self.hparams.damping, "layer", strategy)  # refused now, not at a pass
                     self.factors.append(factors)
@@ -372,7 +373,9 @@ class AttributionModule(LightningModule):
             for m, (store, factors) in enumerate(zip(self.stores, self.factors)):
                 task, model, _, module = self.resident.get(m)
                 grads = self.influence_gradients(m, factors, batch)
-                rows = TrainingRows(self.data, module, self.hparams.influence_batch_size, device=self.device)
+                zero = getattr(self, "_trainer", None) is None or self.trainer.is_global_zero
+                rows = TrainingRows(self.data, module, self.hparams.influence_batch_size, device=self.device,
+                                    progress=f"{self.hparams.estimator} scores {store.path.name}" if zero else None)
                 scores = ekfac_scores(factors, task, model, store_train_output(store), rows, grads,
                                       self.hparams.damping, strategy=self.hparams.estimator, dtype=torch.float64)
                 if scores.shape[0] != store.N:

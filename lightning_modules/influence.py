@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from attribution import make_output
 from attribution.ekfac import EKFACFactors, fit_ekfac
@@ -29,18 +30,24 @@ ESTIMATORS = ("trak", "kfac", "ekfac")
 
 class TrainingRows:
     """Re-iterable ``(x0, keys, cond)`` batches of training ``rows`` (default all N) in index order, as the module
-    featurizes them (``datamodule.featurize_dataloader`` and ``module.attribution_inputs``), on ``device``."""
+    featurizes them (``datamodule.featurize_dataloader`` and ``module.attribution_inputs``), on ``device``; with
+    ``progress`` (a description) each pass shows a progress bar over the rows."""
 
     def __init__(self, datamodule, module, batch_size: int, rows: Optional[Sequence[int]] = None,
-                 device=None) -> None:
+                 device=None, progress: Optional[str] = None) -> None:
         self.datamodule, self.module, self.batch_size, self.device = datamodule, module, batch_size, device
         self.rows = list(range(int(datamodule.num_examples))) if rows is None else [int(r) for r in rows]
+        self.progress = progress
 
     def __iter__(self):
-        for batch in self.datamodule.featurize_dataloader(self.rows, batch_size=self.batch_size):
-            if self.device is not None:
-                batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            yield self.module.attribution_inputs(batch)
+        with tqdm(total=len(self.rows), unit="row", desc=self.progress, disable=self.progress is None,
+                  leave=False) as bar:
+            for batch in self.datamodule.featurize_dataloader(self.rows, batch_size=self.batch_size):
+                if self.device is not None:
+                    batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                inputs = self.module.attribution_inputs(batch)
+                yield inputs
+                bar.update(len(inputs[1]))
 
 
 def store_train_output(store: FeatureStore):
@@ -68,11 +75,13 @@ def factors_file(folder: Path, store: FeatureStore, strategy: str, fisher: str, 
 
 
 def member_factors(path: Path, task, model, module, store: FeatureStore, datamodule, members: Sequence[int], *,
-                   strategy: str, fisher: str, seed: int, batch_size: int, device=None) -> EKFACFactors:
+                   strategy: str, fisher: str, seed: int, batch_size: int, device=None,
+                   progress: bool = False) -> EKFACFactors:
     """The factors at ``path`` if they are there, else fitted on the ``members`` rows and saved (atomically)."""
     if path.exists():
         return EKFACFactors.load(path)
-    rows = TrainingRows(datamodule, module, batch_size, rows=members, device=device)
+    rows = TrainingRows(datamodule, module, batch_size, rows=members, device=device,
+                        progress=f"{strategy} factors {store.path.name}" if progress else None)
     factors = fit_ekfac(task, model, store_train_output(store), rows, fisher=fisher, strategy=strategy, seed=seed,
                         param_names=store.meta.get("param_names"))
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -83,3 +83,12 @@ def fitted_with_targets(root: Path, proj_dim: int, num_draws: int, num_inference
     result = module.sample(list(seeds), num_inference_steps=num_inference_steps, record=True, record_steps=record_steps)
     save_targets(from_samples(result), root / "targets")
     return root, dm
+
+
+def subset_scorer(run, out: str, **kw):
+    """An ``AttributionModule`` over the stores and targets of ``run = (root, datamodule, mask)`` (conftest
+    ``subset_fit``), writing to ``root/out``."""
+    from lightning_modules import AttributionModule
+    root = run[0]
+    return AttributionModule(features=str(root / "fit" / "features"), targets=str(root / "targets"),
+                             out_dir=str(root / out), **kw)

@@ -19,9 +19,9 @@ from attribution.identity import tensors_hash
 from attribution.outputs import Draws
 from callbacks.score_writer import load_target_scores
 from evaluation.methods import store_denoiser
-from lightning_modules import AttributionModule
 from lightning_modules.influence import TrainingRows, store_train_output
 from lightning_modules.loading import load_diffusion_module
+from helpers import subset_scorer
 from tolerances import EPS32, assert_float32_close
 
 SCORE = dict(num_draws=2, topk=5, pair_batch_size=3, damping=0.1)
@@ -30,14 +30,11 @@ N = 120
 
 @pytest.fixture(scope="module")
 def run(subset_fit):
-    """The shared tiny model fit on a 50% subset mask (conftest ``subset_fit``)."""
-    return subset_fit
+    return subset_fit  # the shared tiny model fit on a 50% subset mask
 
 
 def module(run, out, **kw):
-    root, _, _ = run
-    return AttributionModule(features=str(root / "fit" / "features"), targets=str(root / "targets"),
-                             out_dir=str(root / out), **{**SCORE, **kw})
+    return subset_scorer(run, out, **{**SCORE, **kw})
 
 
 def score(run, out, devices=1, **kw):

@@ -20,6 +20,7 @@ from attribution.scoring import load_spectrum, member_kernel_files, relative_lam
 from attribution.store import open_feature_stores
 from callbacks.score_writer import load_target_scores
 from lightning_modules import AttributionModule
+from helpers import subset_scorer
 from tolerances import EPS32
 
 EPS64 = torch.finfo(torch.float64).eps
@@ -29,14 +30,11 @@ N = 120
 
 @pytest.fixture(scope="module")
 def run(subset_fit):
-    """The shared tiny model fit on a 50% subset mask (conftest ``subset_fit``)."""
-    return subset_fit
+    return subset_fit  # the shared tiny model fit on a 50% subset mask
 
 
 def module(run, out, **kw):
-    root, _, _ = run
-    return AttributionModule(features=str(root / "fit" / "features"), targets=str(root / "targets"),
-                             out_dir=str(root / out), **{**SCORE, **kw})
+    return subset_scorer(run, out, **{**SCORE, **kw})
 
 
 def score(run, out, monkeypatch=None, **kw):

@@ -37,18 +37,21 @@ def test_nearest_training_image_of_a_memorized_sample_is_the_top_positive_influe
     memorized = (distances.min(1).values * 5 < distances.sort(1).values[:, 1]).nonzero().reshape(-1).tolist()
     assert len(memorized) >= 3, memorized
     save_targets(from_samples(result), tmp_path / "targets")
-    scoring = AttributionModule(features=str(tmp_path / "features"), targets=str(tmp_path / "targets"),
-                                num_draws=32, relative_lam=0.1, steps=STEPS, target_ids=memorized)
-    Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, inference_mode=False).predict(
-        scoring.attach_data(dm), return_predictions=False)
-    top1 = positive = 0
-    for target in memorized:
-        scores = torch.load(tmp_path / "scores" / f"target_{target:04d}.pt", weights_only=False)["scores"]
-        top1 += int((scores.argmax(0) == nearest[target]).sum())
-        positive += int((scores[nearest[target]] > 0).sum())
     pairs = len(memorized) * len(STEPS)
-    print(f"nearest image top-1 in {top1}/{pairs} pairs, positive in {positive}/{pairs}")
-    # chance would give pairs/8 top-1 hits (for 12 pairs P(>= 4) < 0.07) and pairs/2 positive scores;
-    # a flipped sign would make the nearest image a top *negative* influencer
-    assert top1 >= math.ceil(pairs / 3), top1
-    assert positive >= math.ceil(pairs * 5 / 6), positive
+    for estimator in ("trak", "kfac"):  # K-FAC influence keeps TRAK's sign (its own damped inverse curvature)
+        scoring = AttributionModule(features=str(tmp_path / "features"), targets=str(tmp_path / "targets"),
+                                    out_dir=str(tmp_path / f"scores_{estimator}"), num_draws=32, relative_lam=0.1,
+                                    steps=STEPS, target_ids=memorized, estimator=estimator)
+        Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, inference_mode=False).predict(
+            scoring.attach_data(dm), return_predictions=False)
+        top1 = positive = 0
+        for target in memorized:
+            scores = torch.load(tmp_path / f"scores_{estimator}" / f"target_{target:04d}.pt",
+                                weights_only=False)["scores"]
+            top1 += int((scores.argmax(0) == nearest[target]).sum())
+            positive += int((scores[nearest[target]] > 0).sum())
+        print(f"{estimator}: nearest image top-1 in {top1}/{pairs} pairs, positive in {positive}/{pairs}")
+        # chance would give pairs/8 top-1 hits (for 12 pairs P(>= 4) < 0.07) and pairs/2 positive scores;
+        # a flipped sign would make the nearest image a top *negative* influencer
+        assert top1 >= math.ceil(pairs / 3), (estimator, top1)
+        assert positive >= math.ceil(pairs * 5 / 6), (estimator, positive)

@@ -248,14 +248,15 @@ def test_cli_chain_vae_ldm_sample_with_prompts_and_score(tmp_path, monkeypatch):
           "--model.targets=targets", "--model.num_draws=2", "--trainer.logger=false"])
     assert [t.prompt for t in load_targets("targets")] == ["a handwritten digit three"] * 2
     assert (tmp_path / "scores" / "target_0001.png").exists() and data.num_examples == 40
-    # K-FAC influence through the CLI on the LDM: latents from the VAE, the caption's token states as conditioning
+    # the config's default is K-FAC influence (latents from the VAE, the caption's token states as conditioning);
+    # TRAK Eq. 3 on request
+    assert len(list((tmp_path / "scores" / "influence").glob("kfac_factors_*.pt"))) == 1
     main(["score", "--config", str(CONFIGS / "score_digits.yaml"), *data_args, "--model.features=ldm/features",
-          "--model.targets=targets", "--model.num_draws=2", "--trainer.logger=false", "--model.estimator=kfac",
-          "--model.out_dir=scores_kfac", "--model.influence_batch_size=16"])
-    kfac = load_target_scores(tmp_path / "scores_kfac" / "target_0001.pt")["scores"]
-    trak = load_target_scores(tmp_path / "scores" / "target_0001.pt")["scores"]
+          "--model.targets=targets", "--model.num_draws=2", "--trainer.logger=false", "--model.estimator=trak",
+          "--model.out_dir=scores_trak"])
+    kfac = load_target_scores(tmp_path / "scores" / "target_0001.pt")["scores"]
+    trak = load_target_scores(tmp_path / "scores_trak" / "target_0001.pt")["scores"]
     assert kfac.shape == trak.shape == (40, 2) and bool(torch.isfinite(kfac).all()) and not torch.equal(kfac, trak)
-    assert len(list((tmp_path / "scores_kfac" / "influence").glob("kfac_factors_*.pt"))) == 1
 
 
 def test_ldm_trains_and_featurizes_on_webdataset_shards(tmp_path):

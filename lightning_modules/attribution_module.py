@@ -79,6 +79,9 @@ from lightning_modules.influence import ESTIMATORS, TrainingRows, factors_file, 
 from lightning_modules.loading import load_diffusion_module
 
 
+INFLUENCE_BUDGET_BYTES = 2 << 30  # preconditioned target gradients held by one K-FAC / EK-FAC training pass
+
+
 class PairDataset(Dataset):
     """(target, step) pairs of recorded trajectories; items hold the recorded x_t and its step."""
 
@@ -366,18 +369,30 @@ class AttributionModule(LightningModule):
     def influence_pass(self, batch: dict) -> torch.Tensor:
         """``(N, pairs)`` float32 K-FAC / EK-FAC scores of the batch's pairs, averaged over the checkpoints: per
         checkpoint, the pairs' layer gradients (vmap-free hooks, ``pair_batch_size`` at a time), then one pass over
-        the N training examples (:func:`attribution.ekfac.ekfac_scores`) in the compute ``precision``."""
+        the N training examples (:func:`attribution.ekfac.ekfac_scores`) in the compute ``precision``. The
+        preconditioned gradients of at most ``INFLUENCE_BUDGET_BYTES`` are held at once: a batch whose
+        ``pairs x p`` exceeds it takes one training pass per share (said in the log)."""
         dtype = torch.float64 if self.hparams.precision == "float64" else torch.float32
         total = None
+        zero = getattr(self, "_trainer", None) is None or self.trainer.is_global_zero
         with torch.inference_mode(False), torch.enable_grad():
             for m, (store, factors) in enumerate(zip(self.stores, self.factors)):
                 task, model, _, module = self.resident.get(m)
-                grads = self.influence_gradients(m, factors, batch)
-                zero = getattr(self, "_trainer", None) is None or self.trainer.is_global_zero
-                rows = TrainingRows(self.data, module, self.hparams.influence_batch_size, device=self.device,
-                                    progress=f"{self.hparams.estimator} scores {store.path.name}" if zero else None)
-                scores = ekfac_scores(factors, task, model, store_train_output(store), rows, grads,
-                                      self.hparams.damping, strategy=self.hparams.estimator, dtype=torch.float64)
+                share = max(1, INFLUENCE_BUDGET_BYTES // (16 * factors.p))  # float64 preconditioned + a copy
+                chunks = torch.arange(len(batch["t"])).split(share)
+                if len(chunks) > 1:
+                    rank_zero_info(f"score: {len(batch['t'])} pairs x p = {factors.p} exceed the influence memory "
+                                   f"budget: {len(chunks)} passes over the training examples of {share} pairs each")
+                parts = []
+                for rows in chunks:
+                    part = {k: v[rows] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                    grads = self.influence_gradients(m, factors, part)
+                    train = TrainingRows(self.data, module, self.hparams.influence_batch_size, device=self.device,
+                                         progress=f"{self.hparams.estimator} scores {store.path.name}" if zero else None)
+                    parts.append(ekfac_scores(factors, task, model, store_train_output(store), train, grads,
+                                              self.hparams.damping, strategy=self.hparams.estimator,
+                                              dtype=torch.float64))
+                scores = torch.cat(parts, dim=1)
                 if scores.shape[0] != store.N:
                     raise SettingsError(f"Expected {self.hparams.estimator} scores for the N = {store.N} training "
                                         f"examples of store {store.path}, but the training data gave {scores.shape[0]}")

@@ -11,6 +11,7 @@ import pytest
 import torch
 from lightning.pytorch import Trainer
 
+import lightning_modules.attribution_module as attribution_module
 import lightning_modules.influence as influence
 from attribution import StepOutput
 from attribution.ekfac import EKFACFactors, fit_ekfac, precondition
@@ -158,6 +159,23 @@ def test_resume_reuses_pairs_and_factors_and_other_settings_recompute(run, monke
     assert module(run, "resume").pair_keys != module(run, "resume", estimator="kfac").pair_keys
     monkeypatch.undo()
     assert module(run, "resume", estimator="ekfac").pair_keys != module(run, "resume", estimator="kfac").pair_keys
+
+
+def test_a_batch_over_the_memory_budget_takes_several_training_passes_with_the_same_scores(run, monkeypatch):
+    whole = score(run, "budget_whole", estimator="kfac")
+    p = max(f.p for f in whole.factors)
+    monkeypatch.setattr(attribution_module, "INFLUENCE_BUDGET_BYTES", 16 * p * 3)  # 3 pairs per training pass
+    passes = []
+    real = attribution_module.ekfac_scores
+
+    def counted(*args, **kw):
+        passes.append(1)
+        return real(*args, **kw)
+    monkeypatch.setattr(attribution_module, "ekfac_scores", counted)
+    split = score(run, "budget_split", estimator="kfac")
+    assert len(passes) == 2 * len(split.stores)  # 4 pairs: 3 + 1, per checkpoint
+    assert_float32_close(pair_scores(run, "budget_split", split), pair_scores(run, "budget_whole", whole).double(),
+                         reduction_length=p)
 
 
 def test_ddp_fits_the_factors_once_and_gives_the_one_process_scores(run):

@@ -76,7 +76,7 @@ from .seeding import cpu_generator
 from .task import math_attention
 
 __all__ = ["FISHERS", "STRATEGIES", "DAMPING_SCALES", "LayerSpec", "LayerFactors", "EKFACFactors", "fit_ekfac",
-           "ekfac_gradients", "denominators", "precondition", "ekfac_scores", "ekfac_damping_sweep", "pseudo_targets"]
+           "ekfac_gradients", "check_damping", "denominators", "precondition", "ekfac_scores", "ekfac_damping_sweep", "pseudo_targets"]
 
 log = logging.getLogger(__name__)
 
@@ -537,7 +537,8 @@ def ekfac_gradients(task, model: torch.nn.Module, output_fn: ModelOutput, factor
                             chunk_size)
 
 
-def _check_damping(damping) -> float:
+def check_damping(damping) -> float:
+    """``damping`` as a float, refused unless it is a finite number >= 0."""
     if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0 <= damping < math.inf:
         raise SettingsError(f"Expected `damping` to be a finite float >= 0, but got {damping!r}")
     return float(damping)
@@ -546,7 +547,7 @@ def _check_damping(damping) -> float:
 def denominators(factors: EKFACFactors, damping: float, damping_scale: str = "layer",
                  strategy: str = "ekfac") -> list[Tensor]:
     """``Lambda_l + damping_l`` per layer (float64), refused unless every one is positive (a definite curvature)."""
-    damping = _check_damping(damping)
+    damping = check_damping(damping)
     _checks.one_of("damping_scale", damping_scale, DAMPING_SCALES)
     eigs = [lf.eigenvalues(strategy) for lf in factors.layers]
     if damping_scale == "absolute":
@@ -609,7 +610,7 @@ def ekfac_damping_sweep(factors: EKFACFactors, task, model: torch.nn.Module, tra
     memory holds the ``L x T x p`` preconditioned target gradients in the training gradients' dtype.
     """
     factors.check(model, task, train_output)
-    dampings = [_check_damping(d) for d in dampings]
+    dampings = [check_damping(d) for d in dampings]
     if not dampings:
         raise SettingsError("Expected `dampings` to hold at least one value, but got none")
     T = _check_grads(factors, target_grads, "target_grads")

@@ -61,7 +61,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from attribution import FeatureStore, StepOutput, featurize_batch, relative_lambda
-from attribution.ekfac import FISHERS, denominators, ekfac_gradients, ekfac_scores
+from attribution.ekfac import FISHERS, check_damping, denominators, ekfac_gradients, ekfac_scores
 from attribution.ema import resolve_denoiser
 from attribution.members import RANKS, Members, check_members_setting, recorded_membership, resolve_members
 from attribution.scoring import (KernelEigen, load_member_kernel, load_spectrum, member_kernel, member_kernel_files,
@@ -170,7 +170,7 @@ class AttributionModule(LightningModule):
         self.pair_keys = self._pair_keys()
         self.resume_counts: dict[str, int] = {}
         self.resident = ResidentCheckpoint(self._load_resident)
-        self.tasks, self.denoisers, self.projectors, self.checkpoint_modules = (self.resident.view(i) for i in range(4))
+        self.tasks, self.denoisers, self.projectors = (self.resident.view(i) for i in range(3))
         self.factors: list = []
         self.data: Any = None
         self._loaded = False
@@ -210,27 +210,34 @@ class AttributionModule(LightningModule):
     def _setup_influence(self) -> None:
         """Each checkpoint's K-FAC / EK-FAC factors over its members: loaded, or fitted and saved (rank 0 fits, the
         other ranks wait and load), and the damping checked against them, before any pair (on the pass's device)."""
-        strategy, trainer = self.hparams.estimator, getattr(self, "_trainer", None)
+        trainer = getattr(self, "_trainer", None)
         rank = trainer.global_rank if trainer is not None else 0
-        paths = [factors_file(self.out_dir / "influence", store, strategy, self.hparams.fisher, self.hparams.draw_seed,
-                              mem.hash, self._use_ema(store)) for store, mem in zip(self.stores, self.members)]
-        for phase in (0, 1):  # rank 0 fits what is missing; then every rank loads (the same files)
-            if (phase == 0) == (rank == 0):
-                self.factors = []
-                for m, (store, mem, path) in enumerate(zip(self.stores, self.members, paths)):
-                    task, model, _, module = self.resident.get(m)
-                    rank_zero_info(f"score: {strategy} factors of checkpoint {store.meta['checkpoint']['file']} over "
-                                   f"its {len(mem.indices)} members ({'cached' if path.exists() else 'fitting now'})")
-                    factors = member_factors(path, task, model, module, store, self.data, mem.indices.tolist(),
-                                             strategy=strategy, fisher=self.hparams.fisher, seed=self.hparams.draw_seed,
-                                             batch_size=self.hparams.influence_batch_size, device=self.device,
-                                             progress=rank == 0)
-                    factors.check(model, task, store_train_output(store))
-                    denominators(factors, self.hparams.damping, "layer", strategy)  # refused now, not at a pass
-                    self.factors.append(factors)
-            if phase == 0 and trainer is not None and trainer.world_size > 1:
-                trainer.strategy.barrier("influence_factors")
+        if rank == 0:  # fits what is missing
+            self.factors = self._member_factors(progress=True)
+        if trainer is not None and trainer.world_size > 1:
+            trainer.strategy.barrier("influence_factors")
+        if rank != 0:  # loads what rank 0 saved
+            self.factors = self._member_factors(progress=False)
         self.resident.release()
+
+    def _member_factors(self, progress: bool) -> list:
+        """Each store's factors over its members (cached or fitted now), checked against its checkpoint and the
+        damping (a damping too small for a definite curvature is refused here, not at a pass)."""
+        strategy, out = self.hparams.estimator, []
+        for m, (store, mem) in enumerate(zip(self.stores, self.members)):
+            path = factors_file(self.out_dir / "influence", store, strategy, self.hparams.fisher, self.hparams.draw_seed,
+                                mem.hash, self._use_ema(store))
+            task, model, _, module = self.resident.get(m)
+            rank_zero_info(f"score: {strategy} factors of checkpoint {store.meta['checkpoint']['file']} over its "
+                           f"{len(mem.indices)} members ({'cached' if path.exists() else 'fitting now'})")
+            factors = member_factors(path, task, model, module, store, self.data, mem.indices.tolist(),
+                                     strategy=strategy, fisher=self.hparams.fisher, seed=self.hparams.draw_seed,
+                                     batch_size=self.hparams.influence_batch_size, device=self.device,
+                                     progress=progress)
+            factors.check(model, task, store_train_output(store))
+            denominators(factors, self.hparams.damping, "layer", strategy)
+            out.append(factors)
+        return out
 
     def _store_members(self, store: FeatureStore) -> Members:
         """The members of the store's checkpoint (``members``), the checkpoint read and checked on the way."""
@@ -317,10 +324,11 @@ class AttributionModule(LightningModule):
 
     def _pair_keys(self) -> dict[tuple[int, int], str]:
         """{(target id, timestep): key}: a hash of everything that changes the pair's scores."""
-        members = {} if all(mem.all_rows for mem in self.members) else {"members": [m.hash for m in self.members]}
-        if self.hparams.estimator != "trak":  # (TRAK's keys stay those of before: its pair files remain valid)
-            members.update({k: self.hparams[k] for k in ("estimator", "damping", "fisher")},
-                           members=[m.hash for m in self.members])
+        trak = self.hparams.estimator == "trak"  # (TRAK's keys stay those of before: its pair files remain valid)
+        all_rows = trak and all(mem.all_rows for mem in self.members)
+        members = {} if all_rows else {"members": [m.hash for m in self.members]}
+        if not trak:
+            members.update({k: self.hparams[k] for k in ("estimator", "damping", "fisher")})
         common = json.dumps({"format": 2, "stores": [s.identity() for s in self.stores], **members,
                              "use_ema": [self._use_ema(s) for s in self.stores],
                              **{k: self.hparams[k] for k in ("output", "num_draws", "draw_seed", "share_noise",
@@ -521,9 +529,7 @@ def check_influence_settings(estimator: str, damping: float, fisher: str, influe
     if estimator not in ESTIMATORS:
         raise SettingsError(f"Expected `estimator` to be one of {', '.join(map(repr, ESTIMATORS))}, but got "
                             f"{estimator!r}")
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0 <= damping < float("inf"):
-        raise SettingsError(f"Expected `damping` to be a finite float >= 0 (relative to each layer's mean curvature "
-                            f"eigenvalue), but got {damping!r}")
+    check_damping(damping)
     if fisher not in FISHERS:
         raise SettingsError(f"Expected `fisher` to be one of {', '.join(map(repr, FISHERS))}, but got {fisher!r}")
     if isinstance(influence_batch_size, bool) or not isinstance(influence_batch_size, int) or influence_batch_size < 1:

@@ -82,3 +82,8 @@ def test_the_foreign_project_is_featurized_sampled_and_scored(tmp_path, monkeypa
     assert run([*score, f"--model.module_class={MODULE}"]) == 0
     scores = load_target_scores(tmp_path / "scores" / "target_0002.pt")["scores"]
     assert scores.shape == (48, 3) and torch.isfinite(scores).all() and scores.abs().sum() > 0
+    # K-FAC influence on the same foreign v-prediction model, its EMA weights (the store's), its own data batches
+    assert run([*score, f"--model.module_class={MODULE}", "--model.estimator=kfac",
+                f"--model.out_dir={tmp_path / 'scores_kfac'}"]) == 0
+    kfac = load_target_scores(tmp_path / "scores_kfac" / "target_0002.pt")["scores"]
+    assert kfac.shape == (48, 3) and torch.isfinite(kfac).all() and not torch.equal(kfac, scores)

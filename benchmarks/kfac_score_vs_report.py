@@ -53,7 +53,8 @@ def main() -> None:
               f"--model.targets={args.targets}", f"--model.target_ids={args.target_ids}",
               f"--model.num_draws={args.num_draws}", f"--model.draw_seed={args.draw_seed}",
               f"--model.estimator={args.estimator}", f"--model.damping={damping}", "--model.members=all",
-              "--model.rank=all", f"--model.out_dir={out}", "--trainer.logger=false"])
+              "--model.rank=all", f"--model.out_dir={out}", "--trainer.logger=false",
+              f"--trainer.default_root_dir={out}"])
     seconds = time.perf_counter() - start
     ref, ids, steps = saved["scores"][method], list(saved["target_ids"]), list(saved["steps"])
     worst = 1.0

@@ -136,8 +136,10 @@ class AttributionModule(LightningModule):
             score lacks the damping 1/(1 + phi^T (K_M + lambda I)^-1 phi) of an exact add, so non-members are
             favoured, the more as d nears the number of members) or "nonmembers" (only the rows no checkpoint was
             trained on: the predicted effect of ADDING them). The written score vectors always hold all N rows.
-        estimator: "trak" (default: the paper's projected kernel) or "kfac" / "ekfac" (influence with the K-FAC /
-            EK-FAC curvature fitted on each checkpoint's members, see above; needs ``attach_data``).
+        estimator: "kfac" (default: influence with the K-FAC curvature fitted on each checkpoint's members, see
+            above; the best measured on the digits ground truth, README) or "ekfac" (eigenvalue-corrected), both
+            needing the training data (``attach_data``), or "trak" (the paper's projected kernel, Eq. 3: the
+            feature stores alone).
         damping: kfac/ekfac only: added to each layer's curvature eigenvalues, relative to their mean (the LDS
             plan's held-out choice on digits was 1e-4 to 1e-3, with held-out LDS flat within 0.01 over 1e-4..1e-2).
         fisher: kfac/ekfac only: "empirical" (the training loss's own gradients) or "sampled" (pseudo-targets seeded
@@ -150,7 +152,7 @@ class AttributionModule(LightningModule):
                  topk: int = 8, steps: Optional[list[int]] = None, target_ids: Optional[list[int]] = None,
                  patch: Optional[str] = None, pair_batch_size: int = 4, use_ema: Optional[bool] = None,
                  pairs_per_pass: int = 1024, precision: str = "float32", module_class: Optional[str] = None,
-                 members: Optional[str] = "auto", rank: str = "members", estimator: str = "trak",
+                 members: Optional[str] = "auto", rank: str = "members", estimator: str = "kfac",
                  damping: float = 0.001, fisher: str = "empirical", influence_batch_size: int = 64) -> None:
         super().__init__()
         check_score_settings(output, num_draws, draw_seed, relative_lam, topk, steps, target_ids, pair_batch_size,
@@ -191,7 +193,8 @@ class AttributionModule(LightningModule):
             if self.data is None:
                 raise SettingsError(f"Expected the training data for estimator={self.hparams.estimator!r} (its factors "
                                     "and every score pass walk the training examples), but none is attached: call "
-                                    "trainer.predict(module.attach_data(datamodule)) (cli.py score does)")
+                                    "trainer.predict(module.attach_data(datamodule)) (cli.py score does with --data), or score "
+                                    "with estimator='trak' (the stores alone)")
             self._loaded = True
             return
         for m in range(len(self.stores)):  # every checkpoint checked (weights hash) before any pair, one at a time

@@ -90,5 +90,6 @@ def subset_scorer(run, out: str, **kw):
     ``subset_fit``), writing to ``root/out``."""
     from lightning_modules import AttributionModule
     root = run[0]
+    kw.setdefault("estimator", "trak")  # the tests of K-FAC/EK-FAC ask for them
     return AttributionModule(features=str(root / "fit" / "features"), targets=str(root / "targets"),
                              out_dir=str(root / out), **kw)

@@ -125,9 +125,9 @@ def test_our_module_featurizes_the_ema_weights_the_checkpoint_saved(tmp_path):
     # scoring takes the store's choice (use_ema None) and refuses other weights
     save_targets(module.eval().record_targets([0], 2, None), tmp_path / "targets")
     store = tmp_path / "run" / "features" / "step000002"
-    AttributionModule(str(store), str(tmp_path / "targets")).setup("predict")
+    AttributionModule(str(store), str(tmp_path / "targets"), estimator="trak").setup("predict")
     with pytest.raises(ValueError, match="weights hash"):
-        AttributionModule(str(store), str(tmp_path / "targets"), use_ema=False).setup("predict")
+        AttributionModule(str(store), str(tmp_path / "targets"), use_ema=False, estimator="trak").setup("predict")
 
 
 def test_a_foreign_averaged_model_updated_after_the_save(tmp_path):

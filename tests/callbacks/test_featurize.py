@@ -218,7 +218,7 @@ def test_layerwise_projector_through_the_featurizer_and_scoring(tmp_path):
     assert torch.allclose(store.read()[rows], ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
     save_targets(from_samples(module.sample([3], 5, record=True, record_steps=[800, 0])), tmp_path / "targets")
     scoring = AttributionModule(features=str(tmp_path / "run" / "features"), targets=str(tmp_path / "targets"),
-                                num_draws=2, relative_lam=0.5)
+                                num_draws=2, relative_lam=0.5, estimator="trak")
     Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, inference_mode=False).predict(
         scoring.attach_data(dm), return_predictions=False)
     scores = torch.load(tmp_path / "scores" / "target_0000.pt", weights_only=False)["scores"]

@@ -75,7 +75,8 @@ def test_the_foreign_project_is_featurized_sampled_and_scored(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path / "elsewhere")
     score = ["score", "--model=lightning_modules.AttributionModule",
              f"--model.features={tmp_path / 'run' / 'features'}",
-             f"--model.targets={tmp_path / 'targets'}", "--model.num_draws=2", "--data=foreign_project.data.DigitsData",
+             f"--model.targets={tmp_path / 'targets'}", "--model.num_draws=2", "--model.estimator=trak",
+             "--data=foreign_project.data.DigitsData",
              "--trainer.logger=false", "--trainer.inference_mode=false"]
     assert run(score) == 2  # the checkpoint records no module class: the user tells it
     assert "--model.module_class=" in capsys.readouterr().err

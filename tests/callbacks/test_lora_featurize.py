@@ -69,11 +69,11 @@ def test_scoring_refuses_a_checkpoint_with_other_frozen_base_weights(tmp_path):
     fit_trainer(tmp_path / "run", [TrakFeaturizeCallback(**SETTINGS)], max_steps=2, every=2).fit(module, datamodule=dm)
     save_targets(module.eval().record_targets([0], 4, [750, 0]), tmp_path / "targets")
     features, targets = str(tmp_path / "run" / "features"), str(tmp_path / "targets")
-    AttributionModule(features, targets).setup("predict")  # the rebuilt network is the featurized one
+    AttributionModule(features, targets, estimator="trak").setup("predict")  # the rebuilt network is the featurized one
     ckpt = tmp_path / "run" / "checkpoints" / "step000002.ckpt"
     saved = torch.load(ckpt, weights_only=False)
     saved["state_dict"]["unet.conv_in.weight"] += 0.01  # a frozen base weight, not an adapter
     saved.pop("attribution_integrity", None)
     torch.save(saved, ckpt)
     with pytest.raises(CheckpointMismatchError, match="weights hash"):
-        AttributionModule(features, targets).setup("predict")
+        AttributionModule(features, targets, estimator="trak").setup("predict")

@@ -18,7 +18,7 @@ from lightning_modules import AttributionModule
 from lightning_modules.loading import load_diffusion_module
 from tolerances import EPS32, score_rounding_bound
 
-SCORE = dict(num_draws=4, relative_lam=0.5, topk=3, pair_batch_size=3)
+SCORE = dict(estimator="trak", num_draws=4, relative_lam=0.5, topk=3, pair_batch_size=3)
 
 
 @pytest.fixture(scope="module")

@@ -178,7 +178,8 @@ def test_guidance_weight_one_is_the_conditional_and_zero_the_unconditional(chain
 def test_scores_equal_the_core_api_with_the_prompt_and_pictures_are_written(chain):
     root, dm, _, _ = chain
     module = AttributionModule(features=str(root / "fit" / "features"), targets=str(root / "targets"),
-                               out_dir=str(root / "scores"), num_draws=3, relative_lam=0.5, topk=3, pair_batch_size=2)
+                               out_dir=str(root / "scores"), num_draws=3, relative_lam=0.5, topk=3, pair_batch_size=2,
+                               estimator="trak")
     Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, inference_mode=False).predict(
         module.attach_data(dm), return_predictions=False)
     result = torch.load(root / "scores" / "target_0000.pt", weights_only=False)

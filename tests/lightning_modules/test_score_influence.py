@@ -199,8 +199,12 @@ def test_bad_influence_settings_are_refused_before_work(run):
                      (dict(estimator="kfac", influence_batch_size=0), "`influence_batch_size`")):
         with pytest.raises(SettingsError, match=name):
             module(run, "bad", **kw)
-    scorer = module(run, "nodata", estimator="kfac")
-    with pytest.raises(SettingsError, match="attach_data"):
+    from lightning_modules import AttributionModule
+    root = run[0]  # the class default is K-FAC: without the training data it is refused, naming the way out
+    scorer = AttributionModule(features=str(root / "fit" / "features"), targets=str(root / "targets"),
+                               out_dir=str(root / "nodata"))
+    assert scorer.hparams.estimator == "kfac"
+    with pytest.raises(SettingsError, match="attach_data.*estimator='trak'"):
         Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, inference_mode=False).predict(
             scorer, return_predictions=False)
     assert not (run[0] / "nodata").exists()

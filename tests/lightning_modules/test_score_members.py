@@ -24,7 +24,7 @@ from helpers import subset_scorer
 from tolerances import EPS32
 
 EPS64 = torch.finfo(torch.float64).eps
-SCORE = dict(num_draws=2, relative_lam=0.5, topk=5, pair_batch_size=4)
+SCORE = dict(estimator="trak", num_draws=2, relative_lam=0.5, topk=5, pair_batch_size=4)
 N = 120
 
 

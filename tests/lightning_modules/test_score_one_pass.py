@@ -21,7 +21,7 @@ from tolerances import EPS32
 
 EPS64 = torch.finfo(torch.float64).eps
 STEPS = [900, 600, 300, 0]
-SCORE = dict(num_draws=2, relative_lam=0.5, topk=3, pair_batch_size=4)
+SCORE = dict(estimator="trak", num_draws=2, relative_lam=0.5, topk=3, pair_batch_size=4)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from helpers import fit_trainer, fitted_with_targets, tiny_module
 from lightning_modules import AttributionModule
 from tolerances import EPS32, score_rounding_bound
 
-SCORE = dict(num_draws=2, relative_lam=0.5, topk=3, pair_batch_size=3)
+SCORE = dict(estimator="trak", num_draws=2, relative_lam=0.5, topk=3, pair_batch_size=3)
 
 
 class Killed(Exception):

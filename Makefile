@@ -18,9 +18,12 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
+# Each test runs on one thread (tests/conftest.py), so one pytest-xdist worker per core; a file's tests stay
+# in one worker (--dist loadfile), sharing its module fixtures. TEST_WORKERS=0 runs in this process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(VENV)/bin/lint-imports --no-cache
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The main job end to end on the bundled digits: masks -> fit with the featurize callback (one feature
 # store per checkpoint) -> sample 4 targets recording 10 steps -> score every (target, step) -> report.

@@ -42,7 +42,8 @@ import torch
 from attribution import (FeatureStore, StepOutput, embedding_cosine_scores, featurize_batch, pixel_cosine_scores,
                          predicted_outputs, random_scores, train_classifier)
 from attribution.dual import GramKernel, finalize_gram, gram_scores_sweep, load_gram
-from attribution.ekfac import EKFACFactors, ekfac_damping_sweep, ekfac_gradients, fit_ekfac
+from attribution.ekfac import ekfac_damping_sweep, ekfac_gradients
+from attribution.masks import mask_hash
 from attribution.featurize import read_cost
 from attribution.scoring import PRIMAL_MAX_DIM, default_device, score_pass, sweep_solves
 from attribution.ema import resolve_denoiser
@@ -52,7 +53,7 @@ from attribution.trajectory import Trajectory, recorded_at
 from attribution.featurize import projector_from_meta
 from attribution.store import open_feature_stores
 from evaluation.plan import BASELINES, LDSPlan, parse_method, settings_hash
-from lightning_modules.influence import TrainingRows, store_train_output
+from lightning_modules.influence import TrainingRows, factors_file, member_factors, store_train_output
 from lightning_modules.loading import load_diffusion_module
 
 log = logging.getLogger(__name__)
@@ -383,18 +384,13 @@ def ekfac_method_scores(spec, plan: LDSPlan, stores: Sequence[FeatureStore], tar
         task, model = module.attribution_task(), store_denoiser(module, store, plan.use_ema).eval()
         train_output = store_train_output(store)
         rows = TrainingRows(datamodule, module, plan.ekfac_batch_size)
-        key = settings_hash({"strategy": spec.estimator, "fisher": plan.ekfac_fisher, "seed": plan.seed,
-                             "weights": store.meta["checkpoint"]["weights_hash"], "train": train_output.describe(),
-                             "data": store.meta.get("dataset_fingerprint"), "N": N})
-        path = cache_dir / f"{spec.estimator}_factors_{key}.pt"
+        # the cache of `score --model.estimator=...` (lightning_modules.influence), over all N rows
+        path = factors_file(cache_dir, store, spec.estimator, plan.ekfac_fisher, plan.seed, mask_hash(None, N),
+                            plan.use_ema)
         start = time.perf_counter()
-        if path.exists():
-            factors = EKFACFactors.load(path)
-        else:
-            factors = fit_ekfac(task, model, train_output, rows, fisher=plan.ekfac_fisher, strategy=spec.estimator,
-                                seed=plan.seed, param_names=store.meta.get("param_names"))
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            factors.save(path)
+        factors = member_factors(path, task, model, module, store, datamodule, list(range(N)),
+                                 strategy=spec.estimator, fisher=plan.ekfac_fisher, seed=plan.seed,
+                                 batch_size=plan.ekfac_batch_size)
         estimate, keys, cond, t = target_inputs(task, model, targets, steps)
         output = StepOutput(plan.num_draws, plan.draw_seed, kind=spec.kind, share_noise=plan.share_noise)
         with torch.enable_grad():

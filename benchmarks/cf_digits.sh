@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Counterfactual check of the score default (issue 16): retrain the digits model without each method's top-k at
+# one step for CF_TARGETS targets and compare the completions with the original model's, paired over targets.
+# Resumable (rerun to continue; finished models and measurements are reused, so methods can be added later):
+#   bash benchmarks/cf_digits.sh                                              # K-FAC vs random, 16 targets
+#   CF_METHODS="[kfac_1ckpt, random, trak, pixel]" bash benchmarks/cf_digits.sh   # + TRAK Eq. 3 and pixel
+# Steps: fit the full model -> featurize its checkpoints (Eq. 3, for trak) -> sample targets -> a small LDS set
+#        (NUM_MASKS masks, 1 seed: only to choose lambda / damping on the held-out targets) -> lds_report
+#        -> counterfactual (k = K, step CF_STEP, no seed-consistency or feature-formation pass).
+# Cost on 2 CPU cores: one retrained model per (target, method), ~2-3 min each per worker, 2 workers side by side.
+# Tables: $OUT/counterfactual/counterfactual.csv and paired.csv (method - random, paired over targets).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 PYTHONHASHSEED=0
+PY=${PY:-.venv/bin/python}
+OUT=${OUT:-runs/cf_digits}
+CONFIG=${CONFIG:-configs/lds_digits.yaml}
+PLAN=${PLAN:-configs/lds/digits.yaml}
+NUM_TARGETS=${NUM_TARGETS:-64}     # half choose lambda / damping, the other half are reported (and counterfactual)
+NUM_MASKS=${NUM_MASKS:-8}
+CF_TARGETS=${CF_TARGETS:-16}
+CF_STEP=${CF_STEP:-500}
+K=${K:-180}
+CF_METHODS=${CF_METHODS:-"[kfac_1ckpt, random]"}
+METHODS=${METHODS:-"[trak, kfac_1ckpt, pixel, random]"}
+PROJ_DIM=${PROJ_DIM:-2048}
+MAX_MODELS=${MAX_MODELS:-}
+mkdir -p "$OUT"
+
+timed() {  # timed <label> <command...>: run, append the wall time to $OUT/timings.txt
+  local label=$1; shift
+  local start=$(date +%s)
+  "$@"
+  echo "$label $(( $(date +%s) - start )) s" | tee -a "$OUT/timings.txt"
+}
+
+if [ ! -f "$OUT/full/done" ]; then
+  timed fit_full $PY cli.py fit --config "$CONFIG" --seed_everything=0 --data.seed=0 \
+    --trainer.default_root_dir="$OUT/full" --trainer.logger.init_args.save_dir="$OUT" \
+    --trainer.logger.init_args.name=full --trainer.enable_progress_bar=false
+  touch "$OUT/full/done"
+fi
+FINAL=$(ls "$OUT"/full/version_*/checkpoints/step*.ckpt | sort | tail -1)
+timed featurize $PY cli.py featurize --config "$CONFIG" --checkpoints "$(dirname "$FINAL")" --out_dir "$OUT/features" \
+  --settings.proj_dim="$PROJ_DIM" --settings.num_draws=10 --settings.batch_size=64 --settings.output=loss \
+  --trainer.logger=false --trainer.default_root_dir="$OUT/full" --trainer.enable_progress_bar=false
+if [ ! -f "$OUT/targets/targets.json" ]; then
+  timed sample $PY cli.py sample --config "$CONFIG" --checkpoint "$FINAL" --out_dir "$OUT/targets" \
+    --num_targets "$NUM_TARGETS" --record_steps "[900, 700, 500, 300, 100]" --trainer.logger=false \
+    --trainer.default_root_dir="$OUT/full"
+fi
+COMMON=(--config "$CONFIG" --plan "$PLAN" --plan.out_dir="$OUT" --plan.features="$OUT/features"
+        --plan.targets="$OUT/targets" --plan.num_masks="$NUM_MASKS" --plan.seeds_per_mask=1 --plan.replicate_masks=0
+        "--plan.methods=$METHODS" "--plan.extra_features={}" "--plan.paired_versus=[random, trak]"
+        "--plan.relative_lambdas=[0.0001, 0.001, 0.01, 0.1, 1.0, 10.0, 100.0]"
+        --plan.cf_targets="$CF_TARGETS" --plan.cf_step="$CF_STEP" --plan.forget_step="$CF_STEP"
+        "--plan.cf_ks=[$K]" "--plan.cf_methods=$CF_METHODS" --plan.consistency_seeds=0 --plan.formation_targets=0
+        --trainer.logger=false)
+timed lds_train $PY cli.py lds_train "${COMMON[@]}"
+timed lds_outputs $PY cli.py lds_outputs "${COMMON[@]}"
+timed lds_report $PY cli.py lds_report "${COMMON[@]}"
+timed counterfactual $PY cli.py counterfactual "${COMMON[@]}" ${MAX_MODELS:+--max_models=$MAX_MODELS}
+echo "tables: $OUT/counterfactual/counterfactual.csv $OUT/counterfactual/paired.csv"

@@ -81,3 +81,15 @@ def test_wrong_length_mask_exits_before_training(tmp_path):
     assert "subset_mask" in proc.stderr and "1797" in proc.stderr and "length 10" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()  # nothing was trained or written
+
+
+@pytest.mark.parametrize("plan", sorted(p.name for p in (CONFIGS / "lds").glob("*.yaml")))
+def test_every_shipped_lds_plan_is_valid(plan):
+    """Each evaluation plan of configs/lds builds an LDSPlan (its checks: methods, cf_methods, grids), the fit
+    configs it names exist, and every cf method is one lds_report scores (counterfactual refuses others)."""
+    import yaml
+
+    from evaluation.plan import LDSPlan
+    built = LDSPlan(**yaml.safe_load((CONFIGS / "lds" / plan).read_text()))
+    assert built.methods and set(built.cf_methods) <= set(built.methods)
+    assert all((ROOT / config).is_file() for config in built.fit_config), built.fit_config

@@ -193,8 +193,8 @@ class AttributionModule(LightningModule):
             if self.data is None:
                 raise SettingsError(f"Expected the training data for estimator={self.hparams.estimator!r} (its factors "
                                     "and every score pass walk the training examples), but none is attached: call "
-                                    "trainer.predict(module.attach_data(datamodule)) (cli.py score does with --data), or score "
-                                    "with estimator='trak' (the stores alone)")
+                                    "trainer.predict(module.attach_data(datamodule)) (cli.py score does with "
+                                    "--data), or score with estimator='trak' (the stores alone)")
             self._loaded = True
             return
         for m in range(len(self.stores)):  # every checkpoint checked (weights hash) before any pair, one at a time

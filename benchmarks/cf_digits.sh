@@ -9,12 +9,8 @@
 #        -> counterfactual (k = K, step CF_STEP, no seed-consistency or feature-formation pass).
 # Cost on 2 CPU cores: one retrained model per (target, method), ~2-3 min each per worker, 2 workers side by side.
 # Tables: $OUT/counterfactual/counterfactual.csv and paired.csv (method - random, paired over targets).
-set -euo pipefail
-cd "$(dirname "$0")/.."
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 PYTHONHASHSEED=0
-PY=${PY:-.venv/bin/python}
 OUT=${OUT:-runs/cf_digits}
-CONFIG=${CONFIG:-configs/lds_digits.yaml}
+source "$(dirname "$0")/common.sh"
 PLAN=${PLAN:-configs/lds/digits.yaml}
 NUM_TARGETS=${NUM_TARGETS:-64}     # half choose lambda / damping, the other half are reported (and counterfactual)
 NUM_MASKS=${NUM_MASKS:-8}
@@ -26,21 +22,8 @@ METHODS=${METHODS:-"[trak, kfac_1ckpt, pixel, random]"}
 PROJ_DIM=${PROJ_DIM:-2048}
 MAX_MODELS=${MAX_MODELS:-}
 mkdir -p "$OUT"
-
-timed() {  # timed <label> <command...>: run, append the wall time to $OUT/timings.txt
-  local label=$1; shift
-  local start=$(date +%s)
-  "$@"
-  echo "$label $(( $(date +%s) - start )) s" | tee -a "$OUT/timings.txt"
-}
-
-if [ ! -f "$OUT/full/done" ]; then
-  timed fit_full $PY cli.py fit --config "$CONFIG" --seed_everything=0 --data.seed=0 \
-    --trainer.default_root_dir="$OUT/full" --trainer.logger.init_args.save_dir="$OUT" \
-    --trainer.logger.init_args.name=full --trainer.enable_progress_bar=false
-  touch "$OUT/full/done"
-fi
-FINAL=$(ls "$OUT"/full/version_*/checkpoints/step*.ckpt | sort | tail -1)
+fit_full "$OUT/full" 0
+FINAL=$(last_checkpoint "$OUT/full")
 timed featurize $PY cli.py featurize --config "$CONFIG" --checkpoints "$(dirname "$FINAL")" --out_dir "$OUT/features" \
   --settings.proj_dim="$PROJ_DIM" --settings.num_draws=10 --settings.batch_size=64 --settings.output=loss \
   --trainer.logger=false --trainer.default_root_dir="$OUT/full" --trainer.enable_progress_bar=false

@@ -8,13 +8,9 @@
 # Steps: fit the full model -> featurize its checkpoints (and the last one with the layerwise and the dense
 #        projector) -> sample targets -> lds_train -> lds_outputs
 #        -> lds_report -> counterfactual. Every step skips finished work. Timings go to $OUT/timings.txt.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 PYTHONHASHSEED=0
-PY=${PY:-.venv/bin/python}
-CLI=${CLI:-cli.py}   # the CLI script (cli.py once LDSCommands is mixed into AttributionTrainer)
 OUT=${OUT:-runs/lds_digits}
-CONFIG=${CONFIG:-configs/lds_digits.yaml}
+source "$(dirname "$0")/common.sh"
+CLI=${CLI:-cli.py}   # the CLI script (cli.py once LDSCommands is mixed into AttributionTrainer)
 PLAN=${PLAN:-configs/lds/digits.yaml}
 FIT_ARGS=${FIT_ARGS:-}
 NUM_TARGETS=${NUM_TARGETS:-64}   # 32 choose lambda, 32 are reported
@@ -22,21 +18,8 @@ PROJ_DIM=${PROJ_DIM:-2048}
 RECORD_STEPS=${RECORD_STEPS:-"[900, 700, 500, 300, 100]"}
 PLAN_ARGS=${PLAN_ARGS:-}
 mkdir -p "$OUT"
-
-timed() {  # timed <label> <command...>: run, append the wall time to $OUT/timings.txt
-  local label=$1; shift
-  local start=$(date +%s)
-  "$@"
-  echo "$label $(( $(date +%s) - start )) s" | tee -a "$OUT/timings.txt"
-}
-
-if [ ! -f "$OUT/full/done" ]; then
-  timed fit_full $PY cli.py fit --config "$CONFIG" $FIT_ARGS --seed_everything=0 --data.seed=0 \
-    --trainer.default_root_dir="$OUT/full" --trainer.logger.init_args.save_dir="$OUT" \
-    --trainer.logger.init_args.name=full --trainer.enable_progress_bar=false
-  touch "$OUT/full/done"
-fi
-FINAL=$(ls "$OUT"/full/version_*/checkpoints/step*.ckpt | sort | tail -1)
+fit_full "$OUT/full" 0 $FIT_ARGS
+FINAL=$(last_checkpoint "$OUT/full")
 # plan.features: the paper's TRAK (Eq. 3, training-side loss: the default featurize); features_square: D-TRAK's square
 timed featurize $PY cli.py featurize --config "$CONFIG" --checkpoints "$(dirname "$FINAL")" --out_dir "$OUT/features" \
   --settings.proj_dim="$PROJ_DIM" --settings.num_draws=10 --settings.batch_size=64 --settings.output=loss \

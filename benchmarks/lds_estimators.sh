@@ -8,16 +8,17 @@
 # GT must hold full/ (the full model: full/**/checkpoints/*.ckpt), features/ (its Eq. 3 stores, the plan's
 # `features`), targets/, masks/ and models/. The report goes to $REPORT/report (REPORT defaults to $GT/estimators:
 # a root of its own whose masks/ and models/ are links to the ground truth's, so that GT's own report stays).
+# VARIANTS=ens: ENS_SEEDS (default "1 2 3") more full models, trained like the ground truth's (seed s: training RNG
+# and data order), each last checkpoint featurized like $FEATURES; methods kfac@ens / trak@ens average over the
+# models (compare kfac / trak: the checkpoints of one run, at equal featurize cost).
+# FEATURIZE_ONLY=1: make the variants' features (and ensemble models) and stop, e.g. while the ground truth trains.
 # Ceiling: REPLICATE_MASKS=k uses seeds 0 and 1 of the first k masks (trained with --plan.replicate_masks=k or
 # --plan.seeds_per_mask=2).
-set -euo pipefail
-cd "$(dirname "$0")/.."
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 PYTHONHASHSEED=0
-PY=${PY:-.venv/bin/python}
 GT=${GT:-runs/lds_digits}
 REPORT=${REPORT:-$GT/estimators}
+TIMINGS=${TIMINGS:-$REPORT/timings.txt}
+source "$(dirname "$0")/common.sh"
 FEATURES=${FEATURES:-$GT/features}   # the full model's Eq. 3 stores (every checkpoint): the plan's `features`
-CONFIG=${CONFIG:-configs/lds_digits.yaml}
 PLAN=${PLAN:-configs/lds/digits.yaml}
 PROJ_DIM=${PROJ_DIM:-2048}
 NUM_MASKS=${NUM_MASKS:-32}
@@ -27,17 +28,10 @@ VARIANTS=${VARIANTS:-"square l2 avg even stratified even32 even100 norm seed1 id
 METHODS=${METHODS:-"[trak, trak_square@square, trak@square, trak@l2, trak@avg, trak@even, trak@stratified, \
 trak@even32, trak@even100, trak@norm, trak@seed1, dual@identity, dual_square@identity_sq, trak_square@sq_even32, \
 trak@band_loss, trak_square@band_square, ekfac_1ckpt, kfac_1ckpt, pixel, embedding, random]"}
-CKPT=$(find "$GT/full" -path "*checkpoints/*.ckpt" -name "step*.ckpt" 2>/dev/null | sort | tail -1)
-[ -n "$CKPT" ] || { echo "no checkpoint under $GT/full" >&2; exit 2; }
+CKPT=$(last_checkpoint "$GT/full")
 mkdir -p "$REPORT"
 for link in masks models; do [ -e "$REPORT/$link" ] || ln -s "$(realpath "$GT/$link")" "$REPORT/$link"; done
 
-timed() {  # timed <label> <command...>: run, append the wall time to $REPORT/timings.txt
-  local label=$1; shift
-  local start=$(date +%s)
-  "$@"
-  echo "$label $(( $(date +%s) - start )) s" | tee -a "$REPORT/timings.txt"
-}
 feat() {  # feat <name> <settings...>: the last checkpoint into $GT/features_<name>
   local name=$1; shift
   timed "featurize_$name" $PY cli.py featurize --config "$CONFIG" --checkpoints "$CKPT" --out_dir "$GT/features_$name" \
@@ -56,6 +50,21 @@ for v in $VARIANTS; do
     identity) feat "$v" --settings.projector=identity ;;
     identity_sq) feat "$v" --settings.projector=identity --settings.output=square ;;
     sq_even32) feat "$v" --settings.proj_dim="$PROJ_DIM" --settings.num_draws=32 --settings.output=square --settings.timesteps=even ;;
+    ens)  # an ensemble of independently trained full models (seed 0, the ground truth's, and ENS_SEEDS), the last
+          # checkpoint of each with the Eq. 3 settings of $FEATURES: methods <estimator>@ens average over the models
+      mkdir -p "$GT/features_ens"
+      link="$GT/features_ens/seed0"
+      [ -e "$link" ] || ln -s "$(realpath "$FEATURES/$(basename "$CKPT" .ckpt)")" "$link"
+      for seed in ${ENS_SEEDS:-1 2 3}; do
+        fit_full "$GT/full_seed$seed" "$seed"
+        member=$(last_checkpoint "$GT/full_seed$seed")
+        timed "featurize_ens_seed$seed" $PY cli.py featurize --config "$CONFIG" --checkpoints "$member" \
+          --out_dir "$GT/features_ens_seed$seed" --settings.batch_size=64 --settings.num_draws=10 \
+          --settings.proj_dim="$PROJ_DIM" --settings.output=loss --trainer.logger=false \
+          --trainer.enable_progress_bar=false --trainer.default_root_dir="$GT/full_seed$seed"
+        link="$GT/features_ens/seed$seed"
+        [ -e "$link" ] || ln -s "$(realpath "$GT/features_ens_seed$seed/$(basename "$member" .ckpt)")" "$link"
+      done ;;
     bands)  # step-matched: for each recorded step t, training timesteps drawn from [t - 100, t + 100) only
       for out in loss square; do
         for t in 100 300 500 700 900; do
@@ -70,6 +79,7 @@ for v in $VARIANTS; do
   add "$v" "$GT/features_$v"
 done
 EXTRA="{${EXTRA%, }}"
+if [ -n "${FEATURIZE_ONLY:-}" ]; then echo "features made; FEATURIZE_ONLY set: no outputs or report"; exit 0; fi
 COMMON=(--config "$CONFIG" --plan "$PLAN" --plan.out_dir="$REPORT" --plan.features="$FEATURES"
   --plan.targets="$GT/targets" --plan.num_masks="$NUM_MASKS" --plan.seeds_per_mask="$SEEDS_PER_MASK"
   --plan.replicate_masks="$REPLICATE_MASKS" --plan.replicate_seeds=2 "--plan.extra_features=$EXTRA"

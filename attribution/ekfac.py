@@ -23,7 +23,9 @@ draws as TRAK's features); the objective is ``sum_i f_train(z_i)``.
    seeded by ``(seed, example key)`` (:func:`pseudo_targets`). ``||y - out||^2`` is the negative
    log-likelihood of a Gaussian of variance 1/2, so this is the true Fisher, an unbiased estimate of the
    GGN ``J^T (2 I) J`` of the loss (also of D-TRAK's ``||out||^2``, whose Hessian in ``out`` is ``2 I`` too).
-2. ``A = Q_A diag(L_A) Q_A^T``, ``S = Q_S diag(L_S) Q_S^T`` (float64 ``eigh`` of the symmetrized factors).
+2. ``A = Q_A diag(L_A) Q_A^T``, ``S = Q_S diag(L_S) Q_S^T`` (float64 ``eigh`` of the symmetrized factors;
+   K-FAC uses ``max(L, 0)``: both are covariances, a negative eigenvalue is round-off, so any damping > 0
+   gives a definite curvature).
 3. The per-example gradient of a layer is ``G_i = sum_{rows of i, s} delta_s a_s^T`` (``out x in'``: the
    weight gradient, the bias gradient as its last column). Curvature eigenvalues in the basis
    ``Q_S (x) Q_A``: ``strategy="kfac"`` ``Lambda = L_S L_A^T`` (the outer product; per position, as
@@ -120,7 +122,9 @@ class LayerFactors:
     def eigenvalues(self, strategy: str) -> Tensor:
         """``Lambda (out, in')`` of ``strategy`` ("kfac": ``L_S L_A^T``; "ekfac": the corrected ones)."""
         if _checks.one_of("strategy", strategy, STRATEGIES) == "kfac":
-            return torch.outer(self.gradient_eigenvalues, self.activation_eigenvalues)
+            # A and S are covariances (positive semidefinite): an eigenvalue below 0 is the round-off of a
+            # singular direction (float32 per-batch products; measured down to -5e-9 x the largest), so it is 0
+            return torch.outer(self.gradient_eigenvalues.clamp(min=0), self.activation_eigenvalues.clamp(min=0))
         if self.corrected_eigenvalues is None:
             raise SettingsError("Expected factors fitted with strategy='ekfac' for `strategy` = 'ekfac', but these "
                                 "were fitted with strategy='kfac' (no eigenvalue correction); refit or use 'kfac'")

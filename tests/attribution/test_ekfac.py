@@ -195,6 +195,37 @@ def test_ekfac_equals_the_explicit_eigenbasis_inverse(task, small, damping_scale
     torch.testing.assert_close(scores, ref, rtol=1e-9, atol=1e-10 * float(ref.abs().max()))
 
 
+def test_kfac_takes_round_off_negative_factor_eigenvalues_as_zero(task, small):
+    """A factor eigenvalue below 0 (round-off of a singular covariance; the digits UNet's time-embedding layers
+    measured -5e-9 x the largest) is 0 for K-FAC: a damping far below it still gives a definite curvature, and
+    the scores equal the dense solve with the positive semidefinite factors; damping 0 on a zero eigenvalue is
+    still refused."""
+    from attribution.ekfac import denominators
+    f = copy.deepcopy(small["factors"])
+    lf = f.layers[0]
+    mean = float(lf.eigenvalues("kfac").mean())
+    lf.gradient_eigenvalues[0] = -1e-3 * mean / float(lf.activation_eigenvalues.max())  # 100x the shift below
+    lf.gradient_covariance = (lf.gradient_eigenvectors @ torch.diag(lf.gradient_eigenvalues)
+                              @ lf.gradient_eigenvectors.T)
+    assert float(lf.eigenvalues("kfac").min()) == 0.0
+    damping = 1e-5
+    assert all(bool((d > 0).all()) for d in denominators(f, damping, "layer", "kfac"))
+
+    def psd(lf):
+        def part(q, lam):
+            return q @ torch.diag(lam.clamp(min=0)) @ q.T
+        return torch.kron(part(lf.gradient_eigenvectors, lf.gradient_eigenvalues),
+                          part(lf.activation_eigenvectors, lf.activation_eigenvalues))
+
+    scores = ekfac_scores(f, task, small["model"], small["train"], _batches(small["x0"], small["keys"], 5),
+                          small["target_grads"], damping, damping_scale="layer", strategy="kfac", dtype=F64)
+    ref = _dense_scores({**small, "factors": f}, psd, "layer", damping)
+    # condition number up to max / (1e-5 mean) ~ 1e8: float64 solves agree to ~1e8 x 2e-16
+    torch.testing.assert_close(scores, ref, rtol=1e-6, atol=1e-6 * float(ref.abs().max()))
+    with pytest.raises(SettingsError, match="positive definite"):
+        denominators(f, 0.0, "layer", "kfac")
+
+
 def test_damping_sweep_and_preconditioner_match_single_scores(task, small):
     f, b = small["factors"], _batches(small["x0"], small["keys"], 6)
     sweep = ekfac_damping_sweep(f, task, small["model"], small["train"], b, small["target_grads"], [0.01, 1.0],

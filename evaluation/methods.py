@@ -373,20 +373,47 @@ def ekfac_method_scores(spec, plan: LDSPlan, stores: Sequence[FeatureStore], tar
     """EK-FAC / K-FAC influence (:mod:`attribution.ekfac`) at each store's checkpoint, averaged over the
     checkpoints, for every damping of ``dampings`` (relative to each layer's mean eigenvalue): the factors
     are fitted on all N training examples with the store's training-side output (cached per checkpoint),
-    then one pass over the examples scores every (target, step) pair and damping."""
+    then one pass over the examples scores every (target, step) pair and damping not yet in the checkpoint's
+    score cache (:func:`ekfac_store_scores`)."""
     if datamodule is None:
         raise ValueError(f"Method {spec.estimator}: expected the training datamodule (the EK-FAC factors are "
                          "fitted on the training examples), but got None")
     B, S = len(targets), len(steps)
-    total, fit_seconds, N = None, 0.0, int(datamodule.num_examples)
+    total, seconds, N = None, 0.0, int(datamodule.num_examples)
     for store in stores:
-        module = load_diffusion_module(store.meta["checkpoint"]["file"])
+        swept, spent = ekfac_store_scores(spec, plan, store, targets, steps, datamodule, cache_dir, dampings)
+        seconds += spent
+        total = swept if total is None else total + swept
+    cost = {"featurize_s_per_1000": 1000.0 * seconds / N}   # fit + scoring pass: its whole gradient cost
+    return swept_scores(total / len(stores), masks, dampings, B, S, cost)
+
+
+def ekfac_store_scores(spec, plan: LDSPlan, store: FeatureStore, targets: Sequence[Trajectory],
+                       steps: Sequence[int], datamodule, cache_dir: Path,
+                       dampings: Sequence[float]) -> tuple[torch.Tensor, float]:
+    """``(L, N, B * S)`` EK-FAC / K-FAC scores of one store's checkpoint for ``dampings``, and the seconds
+    one pass over them cost (fit + scoring, as measured when they were computed).
+
+    Cached per checkpoint and damping in ``<cache_dir>/<estimator>_scores_<key>.pt``: the key hashes the
+    factors' key (weights, training-side function, data, members, Fisher, seed), the target side (targets,
+    steps, draws, kind) and the batch size, so methods that share a checkpoint (``kfac_1ckpt``, ``kfac``, an
+    ensemble's seed-0 member) score it once, a report rerun (another split, ``lambda_per_step``, more ground
+    truth seeds) scores nothing, and an extended grid scores only its new dampings."""
+    N = int(datamodule.num_examples)
+    module = load_diffusion_module(store.meta["checkpoint"]["file"])
+    # the cache of `score --model.estimator=...` (lightning_modules.influence), over all N rows
+    path = factors_file(cache_dir, store, spec.estimator, plan.ekfac_fisher, plan.seed, mask_hash(None, N),
+                        plan.use_ema)
+    key = settings_hash({**plan.output_settings(), "factors": path.name, "kind": spec.kind, "steps": list(steps),
+                         "target_ids": [t.target_id for t in targets], "batch_size": plan.ekfac_batch_size,
+                         "N": N})
+    cache = cache_dir / f"{spec.estimator}_scores_{key}.pt"
+    held = torch.load(cache, weights_only=False) if cache.exists() else {"scores": {}, "seconds": {}}
+    missing = [float(d) for d in dampings if float(d) not in held["scores"]]
+    if missing:
         task, model = module.attribution_task(), store_denoiser(module, store, plan.use_ema).eval()
         train_output = store_train_output(store)
         rows = TrainingRows(datamodule, module, plan.ekfac_batch_size)
-        # the cache of `score --model.estimator=...` (lightning_modules.influence), over all N rows
-        path = factors_file(cache_dir, store, spec.estimator, plan.ekfac_fisher, plan.seed, mask_hash(None, N),
-                            plan.use_ema)
         start = time.perf_counter()
         factors = member_factors(path, task, model, module, store, datamodule, list(range(N)),
                                  strategy=spec.estimator, fisher=plan.ekfac_fisher, seed=plan.seed,
@@ -395,14 +422,20 @@ def ekfac_method_scores(spec, plan: LDSPlan, stores: Sequence[FeatureStore], tar
         output = StepOutput(plan.num_draws, plan.draw_seed, kind=spec.kind, share_noise=plan.share_noise)
         with torch.enable_grad():
             grads = ekfac_gradients(task, model, output, factors, estimate, keys, cond=cond, steps=t)
-            swept = ekfac_damping_sweep(factors, task, model, train_output, rows, grads, list(dampings),
+            swept = ekfac_damping_sweep(factors, task, model, train_output, rows, grads, missing,
                                         strategy=spec.estimator)
-        fit_seconds += time.perf_counter() - start
+        spent = time.perf_counter() - start
         if swept.shape[1] != N:
             raise ValueError(f"Expected EK-FAC scores for the N = {N} training examples, but got {swept.shape[1]}")
-        total = swept if total is None else total + swept
-    cost = {"featurize_s_per_1000": 1000.0 * fit_seconds / N}   # fit + scoring pass: its whole gradient cost
-    return swept_scores(total / len(stores), masks, dampings, B, S, cost)
+        for i, damping in enumerate(missing):
+            held["scores"][damping] = swept[i].to(torch.float32).clone()
+            held["seconds"][damping] = spent   # the whole pass: it scores every damping at once
+        atomic_torch_save(held, cache)
+    scores = torch.stack([held["scores"][float(d)] for d in dampings])
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError(f"Method {spec.estimator}: non-finite scores at {store.path} (cache {cache})")
+    # the cost of one pass that scores the whole grid, as measured (not the time a cache hit took)
+    return scores, max(held["seconds"][float(d)] for d in dampings)
 
 
 def dataset_classifier(datamodule, plan: LDSPlan, cache_dir: Path):

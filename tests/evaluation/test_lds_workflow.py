@@ -432,6 +432,47 @@ def test_ekfac_method_equals_the_ekfac_api_on_the_same_checkpoint(chain, tmp_pat
         assert got.cost["featurize_s_per_1000"] > 0
 
 
+def test_kfac_scores_are_cached_per_checkpoint_and_damping(chain, tmp_path, monkeypatch):
+    """The K-FAC pass runs once per checkpoint and damping: ``kfac`` reuses ``kfac_1ckpt``'s last checkpoint,
+    an extended grid scores only its new damping, the cached scores equal the fresh ones, and another target
+    side (the draws) is scored anew."""
+    import dataclasses
+
+    import evaluation.methods as methods
+
+    plan, targets, steps, stores, data, images, masks = _method_inputs(chain)
+    calls = []
+    sweep = methods.ekfac_damping_sweep
+
+    def counted(*args, **kwargs):
+        calls.append(list(args[6]))
+        return sweep(*args, **kwargs)
+
+    monkeypatch.setattr(methods, "ekfac_damping_sweep", counted)
+    first = torch.zeros(len(steps), dtype=torch.long)
+    one = methods.method_scores("kfac_1ckpt", plan, stores, targets, steps, images, None, tmp_path, masks,
+                                datamodule=data, lambdas=[0.1, 1.0])
+    assert calls == [[0.1, 1.0]]
+    every = methods.method_scores("kfac", plan, stores, targets, steps, images, None, tmp_path, masks,
+                                  datamodule=data, lambdas=[0.1, 1.0])
+    assert calls == [[0.1, 1.0]] + [[0.1, 1.0]] * (len(stores) - 1)   # the last checkpoint came from the cache
+    again = methods.method_scores("kfac_1ckpt", plan, stores, targets, steps, images, None, tmp_path, masks,
+                                  datamodule=data, lambdas=[0.01, 0.1, 1.0])
+    assert calls[-1] == [0.01]
+    fresh = methods.method_scores("kfac_1ckpt", plan, stores, targets, steps, images, None, tmp_path / "fresh",
+                                  masks, datamodule=data, lambdas=[0.01, 0.1, 1.0])
+    torch.testing.assert_close(again.lambda_scores[1:], one.lambda_scores, rtol=0, atol=0)   # read, not recomputed
+    # a pass over another grid: other float32 matmul shapes (the tolerance of the ekfac API test above)
+    scale = float(fresh.lambda_scores.abs().max())
+    torch.testing.assert_close(again.lambda_scores, fresh.lambda_scores, rtol=0, atol=1e-4 * scale)
+    assert again.cost["featurize_s_per_1000"] > 0 and every.predictions.shape == one.predictions.shape
+    count = len(calls)
+    other = dataclasses.replace(plan, num_draws=plan.num_draws + 1)
+    methods.method_scores("kfac_1ckpt", other, stores, targets, steps, images, None, tmp_path, masks,
+                          datamodule=data, lambdas=[0.1])
+    assert len(calls) == count + 1
+
+
 def test_comparison_table_and_grid_edges(chain):
     """comparison.csv: one row per method with the mean over steps, paired differences against trak and pixel,
     the ratio to trak and the featurize cost; a ridge chosen at a grid edge is flagged, and extend_grid adds a

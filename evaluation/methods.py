@@ -15,7 +15,8 @@ Estimators are settings, not forks (:func:`evaluation.plan.parse_method`:
 * ``dual``: the same estimator through the N x N Gram matrix (``attribution.dual``), exact on unprojected
   stores (``--settings.projector=identity``); every ridge from one pass over each store.
 * ``ekfac`` / ``kfac``: influence with EK-FAC / K-FAC curvature (``attribution.ekfac``) fitted on the
-  training examples at each checkpoint; every damping from one pass over the examples.
+  training examples at each checkpoint; every damping from one pass over the examples, the scores cached
+  per checkpoint and damping (a report rerun or an extended grid scores only what is new).
 * ``_1ckpt``: the last checkpoint only; ``_square``: D-TRAK's square output on the target side;
   ``@<name>``: the stores of ``plan.extra_features[name]`` (another training-side output, timestep draws,
   projector, no projection). The ``dual`` and ``ekfac`` scores are held in memory (``L x N x B x S``

@@ -20,13 +20,17 @@ PLAN_ARGS=${PLAN_ARGS:-}
 mkdir -p "$OUT"
 fit_full "$OUT/full" 0 $FIT_ARGS
 FINAL=$(last_checkpoint "$OUT/full")
-# plan.features: the paper's TRAK (Eq. 3, training-side loss: the default featurize); features_square: D-TRAK's square
+# plan.features: the paper's TRAK (Eq. 3, training-side loss, 10 uniform draws); features_square: D-TRAK's square
 timed featurize $PY cli.py featurize --config "$CONFIG" --checkpoints "$(dirname "$FINAL")" --out_dir "$OUT/features" \
   --settings.proj_dim="$PROJ_DIM" --settings.num_draws=10 --settings.batch_size=64 --settings.output=loss \
   --trainer.logger=false --trainer.default_root_dir="$OUT/full"
 timed featurize_square $PY cli.py featurize --config "$CONFIG" --checkpoints "$(dirname "$FINAL")" \
   --out_dir "$OUT/features_square" --settings.proj_dim="$PROJ_DIM" --settings.num_draws=10 --settings.batch_size=64 \
   --settings.output=square --trainer.logger=false --trainer.default_root_dir="$OUT/full"
+# The last checkpoint with featurize's defaults (32 evenly spaced training timesteps): method kfac_1ckpt@even32.
+timed featurize_even32 $PY cli.py featurize --config "$CONFIG" --checkpoints "$FINAL" --out_dir "$OUT/features_even32" \
+  --settings.proj_dim="$PROJ_DIM" --settings.num_draws=32 --settings.timesteps=even --settings.batch_size=64 \
+  --trainer.logger=false --trainer.default_root_dir="$OUT/full"
 # The last checkpoint again with the layerwise and the dense Gaussian projector (same d and K): methods
 # trak@layerwise and trak@gaussian of the plan, compared with trak_1ckpt (sparse JL, same checkpoint).
 for proj in layerwise gaussian; do
@@ -45,7 +49,7 @@ FIT_PLAN=()
 if [ -n "$FIT_ARGS" ]; then FIT_PLAN=("--plan.fit_args=[$(echo $FIT_ARGS | sed 's/ /,/g')]"); fi
 COMMON=(--config "$CONFIG" --plan "$PLAN" --plan.out_dir="$OUT" --plan.features="$OUT/features"
         --plan.targets="$OUT/targets" "${FIT_PLAN[@]}" $PLAN_ARGS --trainer.logger=false
-        "--plan.extra_features={\"square\": \"$OUT/features_square\", \"layerwise\": \"$OUT/features_layerwise\", \"gaussian\": \"$OUT/features_gaussian\"}")
+        "--plan.extra_features={\"even32\": \"$OUT/features_even32\", \"square\": \"$OUT/features_square\", \"layerwise\": \"$OUT/features_layerwise\", \"gaussian\": \"$OUT/features_gaussian\"}")
 timed lds_train $PY "$CLI" lds_train "${COMMON[@]}"
 timed lds_outputs $PY "$CLI" lds_outputs "${COMMON[@]}"
 timed lds_report $PY "$CLI" lds_report "${COMMON[@]}"

@@ -40,10 +40,10 @@ class TrakFeaturizeCallback(Callback):
     """
 
     def __init__(self, out_dir: Optional[str] = None, proj_dim: int = 2048, projector: str = "sparse",
-                 proj_seed: int = 0, num_draws: int = 10, draw_seed: int = 0, output: str = "loss",
+                 proj_seed: int = 0, num_draws: int = 32, draw_seed: int = 0, output: str = "loss",
                  share_noise: bool = False, param_names: Optional[list[str]] = None, batch_size: int = 32,
                  chunk_size: Optional[int] = None, dtype: str = "float32", use_ema: Optional[bool] = None,
-                 timesteps: str = "uniform", normalize_draws: bool = False,
+                 timesteps: str = "even", normalize_draws: bool = False,
                  timestep_range: Optional[list[int]] = None) -> None:
         self.out_dir = out_dir
         self.settings = FeaturizeSettings(proj_dim, projector, proj_seed, num_draws, draw_seed, output, share_noise,

@@ -26,7 +26,7 @@ def test_nearest_training_image_of_a_memorized_sample_is_the_top_positive_influe
     module = tiny_module(lr=5e-3)
     checkpoints = ModelCheckpoint(every_n_train_steps=150, save_top_k=-1, filename="s{step}")
     featurize = TrakFeaturizeCallback(proj_dim=512, num_draws=32, batch_size=8,  # an ensemble of 4 checkpoints
-                                      output="loss")                  # the SPEC's Eq. 3 (the default)
+                                      output="loss", timesteps="uniform")  # the SPEC's Eq. 3 (the paper's draws)
     Trainer(accelerator="cpu", max_steps=600, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
             enable_model_summary=False, callbacks=[checkpoints, featurize]).fit(module, datamodule=dm)
     module.eval()

@@ -25,7 +25,7 @@ mkdir -p "$OUT"
 fit_full "$OUT/full" 0
 FINAL=$(last_checkpoint "$OUT/full")
 timed featurize $PY cli.py featurize --config "$CONFIG" --checkpoints "$(dirname "$FINAL")" --out_dir "$OUT/features" \
-  --settings.proj_dim="$PROJ_DIM" --settings.num_draws=10 --settings.batch_size=64 --settings.output=loss \
+  --settings.proj_dim="$PROJ_DIM" --settings.num_draws=10 --settings.timesteps=uniform --settings.batch_size=64 --settings.output=loss \
   --trainer.logger=false --trainer.default_root_dir="$OUT/full" --trainer.enable_progress_bar=false
 if [ ! -f "$OUT/targets/targets.json" ]; then
   timed sample $PY cli.py sample --config "$CONFIG" --checkpoint "$FINAL" --out_dir "$OUT/targets" \

@@ -22,10 +22,10 @@ fit_full "$OUT/full" 0 $FIT_ARGS
 FINAL=$(last_checkpoint "$OUT/full")
 # plan.features: the paper's TRAK (Eq. 3, training-side loss, 10 uniform draws); features_square: D-TRAK's square
 timed featurize $PY cli.py featurize --config "$CONFIG" --checkpoints "$(dirname "$FINAL")" --out_dir "$OUT/features" \
-  --settings.proj_dim="$PROJ_DIM" --settings.num_draws=10 --settings.batch_size=64 --settings.output=loss \
+  --settings.proj_dim="$PROJ_DIM" --settings.num_draws=10 --settings.timesteps=uniform --settings.batch_size=64 --settings.output=loss \
   --trainer.logger=false --trainer.default_root_dir="$OUT/full"
 timed featurize_square $PY cli.py featurize --config "$CONFIG" --checkpoints "$(dirname "$FINAL")" \
-  --out_dir "$OUT/features_square" --settings.proj_dim="$PROJ_DIM" --settings.num_draws=10 --settings.batch_size=64 \
+  --out_dir "$OUT/features_square" --settings.proj_dim="$PROJ_DIM" --settings.num_draws=10 --settings.timesteps=uniform --settings.batch_size=64 \
   --settings.output=square --trainer.logger=false --trainer.default_root_dir="$OUT/full"
 # The last checkpoint with featurize's defaults (32 evenly spaced training timesteps): method kfac_1ckpt@even32.
 timed featurize_even32 $PY cli.py featurize --config "$CONFIG" --checkpoints "$FINAL" --out_dir "$OUT/features_even32" \
@@ -35,7 +35,7 @@ timed featurize_even32 $PY cli.py featurize --config "$CONFIG" --checkpoints "$F
 # trak@layerwise and trak@gaussian of the plan, compared with trak_1ckpt (sparse JL, same checkpoint).
 for proj in layerwise gaussian; do
   timed "featurize_$proj" $PY cli.py featurize --config "$CONFIG" --checkpoints "$FINAL" --out_dir "$OUT/features_$proj" \
-    --settings.proj_dim="$PROJ_DIM" --settings.num_draws=10 --settings.batch_size=64 --settings.projector=$proj \
+    --settings.proj_dim="$PROJ_DIM" --settings.num_draws=10 --settings.timesteps=uniform --settings.batch_size=64 --settings.projector=$proj \
     --settings.output=loss \
     --trainer.logger=false --trainer.default_root_dir="$OUT/full"
 done

@@ -35,7 +35,7 @@ for link in masks models; do [ -e "$REPORT/$link" ] || ln -s "$(realpath "$GT/$l
 feat() {  # feat <name> <settings...>: the last checkpoint into $GT/features_<name>
   local name=$1; shift
   timed "featurize_$name" $PY cli.py featurize --config "$CONFIG" --checkpoints "$CKPT" --out_dir "$GT/features_$name" \
-    --settings.batch_size=64 --settings.num_draws=10 --trainer.logger=false --trainer.enable_progress_bar=false \
+    --settings.batch_size=64 --settings.num_draws=10 --settings.timesteps=uniform --trainer.logger=false --trainer.enable_progress_bar=false \
     --trainer.default_root_dir="$GT/full" "$@"
 }
 EXTRA=""
@@ -59,7 +59,7 @@ for v in $VARIANTS; do
         fit_full "$GT/full_seed$seed" "$seed"
         member=$(last_checkpoint "$GT/full_seed$seed")
         timed "featurize_ens_seed$seed" $PY cli.py featurize --config "$CONFIG" --checkpoints "$member" \
-          --out_dir "$GT/features_ens_seed$seed" --settings.batch_size=64 --settings.num_draws=10 \
+          --out_dir "$GT/features_ens_seed$seed" --settings.batch_size=64 --settings.num_draws=10 --settings.timesteps=uniform \
           --settings.proj_dim="$PROJ_DIM" --settings.output=loss --trainer.logger=false \
           --trainer.enable_progress_bar=false --trainer.default_root_dir="$GT/full_seed$seed"
         link="$GT/features_ens/seed$seed"

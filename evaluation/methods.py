@@ -49,6 +49,7 @@ from attribution.featurize import read_cost
 from attribution.scoring import PRIMAL_MAX_DIM, default_device, score_pass, sweep_solves
 from attribution.ema import resolve_denoiser
 from attribution.identity import weights_hash
+from attribution.integrity import require_finite
 from attribution.atomic import atomic_torch_save
 from attribution.trajectory import Trajectory, recorded_at
 from attribution.featurize import projector_from_meta
@@ -401,7 +402,6 @@ def ekfac_store_scores(spec, plan: LDSPlan, store: FeatureStore, targets: Sequen
     ensemble's seed-0 member) score it once, a report rerun (another split, ``lambda_per_step``, more ground
     truth seeds) scores nothing, and an extended grid scores only its new dampings."""
     N = int(datamodule.num_examples)
-    module = load_diffusion_module(store.meta["checkpoint"]["file"])
     # the cache of `score --model.estimator=...` (lightning_modules.influence), over all N rows
     path = factors_file(cache_dir, store, spec.estimator, plan.ekfac_fisher, plan.seed, mask_hash(None, N),
                         plan.use_ema)
@@ -412,6 +412,7 @@ def ekfac_store_scores(spec, plan: LDSPlan, store: FeatureStore, targets: Sequen
     held = torch.load(cache, weights_only=False) if cache.exists() else {"scores": {}, "seconds": {}}
     missing = [float(d) for d in dampings if float(d) not in held["scores"]]
     if missing:
+        module = load_diffusion_module(store.meta["checkpoint"]["file"])
         task, model = module.attribution_task(), store_denoiser(module, store, plan.use_ema).eval()
         train_output = store_train_output(store)
         rows = TrainingRows(datamodule, module, plan.ekfac_batch_size)
@@ -433,8 +434,7 @@ def ekfac_store_scores(spec, plan: LDSPlan, store: FeatureStore, targets: Sequen
             held["seconds"][damping] = spent   # the whole pass: it scores every damping at once
         atomic_torch_save(held, cache)
     scores = torch.stack([held["scores"][float(d)] for d in dampings])
-    if not bool(torch.isfinite(scores).all()):
-        raise ValueError(f"Method {spec.estimator}: non-finite scores at {store.path} (cache {cache})")
+    require_finite(scores, f"{spec.estimator} scores", f"of {store.path} (cache {cache})")
     # the cost of one pass that scores the whole grid, as measured (not the time a cache hit took)
     return scores, max(held["seconds"][float(d)] for d in dampings)
 

@@ -3,7 +3,7 @@ predictions the LDS needs (``(J, B, S)``; estimators ``(L, J, B, S)``, one slice
 ``(N, B, S)`` scores at the chosen ridge (:meth:`MethodScores.at`, what ``chosen_scores.pt`` keeps).
 
 Estimators are settings, not forks (:func:`evaluation.plan.parse_method`:
-``<trak|dual|ekfac|kfac>[_1ckpt][_square][@<features>]``), all scored on the same targets and masks:
+``<trak|dual|ekfac|kfac>[_1ckpt][_square|_stepwise][@<features>]``), all scored on the same targets and masks:
 
 * ``trak``: projected gradients of the step output at each checkpoint of the full model (x0_hat_t
   recomputed from the recorded x_t with that checkpoint, as ``AttributionModule`` does), then ONE pass over
@@ -263,6 +263,10 @@ def method_scores(method: str, plan: LDSPlan, stores, targets: Sequence[Trajecto
             raise ValueError(f"Expected `plan.extra_features.{spec.features}` for method {method!r}, but the plan "
                              f"has only {sorted(plan.extra_features)}")
         datamodule = datamodule if datamodule is not None else getattr(images, "datamodule", None)
+        if spec.kind == "stepwise":  # both target sides scored; the report picks one per step on held-out targets
+            return KindChoiceScores.of({kind: method_scores(component_method(method, kind), plan, stores, targets,
+                                                            steps, images, classifier, cache_dir, masks,
+                                                            datamodule, lambdas) for kind in TARGET_KINDS})
         folders = step_folders(plan, spec, steps)
         if folders is None:
             use = list(stores if spec.features is None else
@@ -284,7 +288,7 @@ def method_scores(method: str, plan: LDSPlan, stores, targets: Sequence[Trajecto
     elif method == "random":
         scores = random_scores(images.shape[0], B * S, seed=plan.split_seed + 12345)
     else:
-        raise ValueError(f"Expected a method among {list(BASELINES)} or <trak|dual|ekfac|kfac>[_1ckpt][_square]"
+        raise ValueError(f"Expected a method among {list(BASELINES)} or <trak|dual|ekfac|kfac>[_1ckpt][_square|_stepwise]"
                          f"[@<name>], but got {method!r}")
     result = baseline_scores(scores, masks, B, S)
     result.cost["score_seconds"] = time.perf_counter() - start
@@ -346,6 +350,58 @@ class StepwiseScores(MethodScores):
 
     def close(self) -> None:
         for part in self.parts:
+            part.close()
+
+
+TARGET_KINDS = ("loss", "square")   # the target sides a ``_stepwise`` method chooses between
+
+
+def component_method(method: str, kind: str) -> str:
+    """The method name with the target side ``kind`` instead of ``_stepwise``: ``kfac_1ckpt_stepwise@even32`` ->
+    ``kfac_1ckpt@even32`` (loss) / ``kfac_1ckpt_square@even32`` (square)."""
+    return method.replace("_stepwise", "" if kind == "loss" else f"_{kind}", 1)
+
+
+@dataclass
+class KindChoiceScores(MethodScores):
+    """A ``_stepwise`` method: the same estimator scored with each target side (``parts[kind]``, over one ridge
+    grid), and per step the side chosen on the HELD-OUT targets (:meth:`choose_kinds`, which the report calls
+    before it chooses the ridge): the side whose best ridge has the higher held-out mean LDS at that step. Its
+    predictions ``(L, J, B, S)`` and scores (:meth:`at`) are then the chosen side's at every step; ``chosen``
+    names them. What the score default ``square_from`` applies with a threshold (``AttributionModule``)."""
+
+    parts: dict = field(default_factory=dict)
+    chosen: Optional[list] = None
+
+    @classmethod
+    def of(cls, parts: dict) -> "KindChoiceScores":
+        grids = {kind: list(p.lambdas) for kind, p in parts.items()}
+        if len({tuple(g) for g in grids.values()}) != 1:
+            raise ValueError(f"Expected every target side scored over the same ridges, but got {grids}")
+        first = next(iter(parts.values()))
+        cost = {"featurize_s_per_1000": sum(p.cost.get("featurize_s_per_1000", math.nan) for p in parts.values()),
+                "score_seconds": sum(p.cost.get("score_seconds", 0.0) for p in parts.values())}
+        return cls(first.predictions, num_lambdas=first.num_lambdas, lambdas=list(first.lambdas), cost=cost,
+                   parts=dict(parts))
+
+    def choose_kinds(self, heldout_mean) -> list:
+        """Per step, the target side whose best ridge has the highest held-out mean LDS; ``heldout_mean``
+        maps a part's predictions ``(L, J, B, S)`` to its ``(L, S)`` held-out mean LDS (no report target)."""
+        kinds = list(self.parts)
+        best = torch.stack([torch.nan_to_num(heldout_mean(self.parts[k].predictions), nan=-math.inf).max(0).values
+                            for k in kinds])                       # (kinds, S)
+        self.chosen = [kinds[int(i)] for i in best.argmax(0)]
+        self.predictions = torch.stack([self.parts[k].predictions[..., s] for s, k in enumerate(self.chosen)], dim=-1)
+        return self.chosen
+
+    def at(self, chosen_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.chosen is None:
+            raise ValueError("Expected the target side chosen per step (choose_kinds) before the scores are read")
+        held = {k: self.parts[k].at(chosen_index) for k in set(self.chosen)}
+        return torch.stack([held[k][..., s] for s, k in enumerate(self.chosen)], dim=-1)
+
+    def close(self) -> None:
+        for part in self.parts.values():
             part.close()
 
 

@@ -28,13 +28,14 @@ BASELINES = ("pixel", "embedding", "random")
 ESTIMATORS = ("trak", "dual", "ekfac", "kfac")
 LAUNCHERS = ("inprocess", "local", "slurm")
 TRAK_METHODS = {"trak": ("loss", None), "trak_1ckpt": ("loss", 1), "trak_square": ("square", None)}
-_METHOD = re.compile(r"^(trak|dual|ekfac|kfac)(_1ckpt)?(_square)?(?:@([A-Za-z0-9_.-]+))?$")
+_METHOD = re.compile(r"^(trak|dual|ekfac|kfac)(_1ckpt)?(_square|_stepwise)?(?:@([A-Za-z0-9_.-]+))?$")
+KINDS = ("loss", "square", "stepwise")
 
 
 @dataclass(frozen=True)
 class EstimatorMethod:
     """A gradient-based method of the report, parsed from its name
-    ``<estimator>[_1ckpt][_square][@<features>]``:
+    ``<estimator>[_1ckpt][_square|_stepwise][@<features>]``:
 
     * estimator: ``trak`` (Eq. 3: ``Phi (Phi^T Phi + lambda I)^-1 g``, projected features), ``dual`` (the
       same through the N x N Gram matrix, :mod:`attribution.dual`: exact on unprojected features, ridge
@@ -42,6 +43,8 @@ class EstimatorMethod:
       (influence with the EK-FAC / K-FAC curvature of :mod:`attribution.ekfac`, damping per layer);
     * ``_1ckpt``: the last checkpoint only (else the average over every checkpoint's store);
     * ``_square``: D-TRAK's square output on the target side (else the step output f_t, the paper's);
+      ``_stepwise``: per step, whichever of the two predicts better on the held-out targets (both are scored;
+      the choice, like lambda, never sees the report targets: :class:`evaluation.methods.KindChoiceScores`);
     * ``@<features>``: the stores of ``plan.extra_features[<features>]`` (else ``plan.features``): e.g.
       features made with another training-side output, timestep draws, projector or no projection.
       EK-FAC/K-FAC read only the checkpoints and the training-side output (draws, timesteps) of those
@@ -59,8 +62,8 @@ def parse_method(name: str) -> Optional[EstimatorMethod]:
     found = _METHOD.match(name) if isinstance(name, str) else None
     if found is None:
         return None
-    estimator, one, square, features = found.groups()
-    return EstimatorMethod(estimator, one is not None, "square" if square else "loss", features)
+    estimator, one, kind, features = found.groups()
+    return EstimatorMethod(estimator, one is not None, kind[1:] if kind else "loss", features)
 
 
 @dataclass
@@ -93,7 +96,7 @@ class LDSPlan:
         use_ema: None: the EMA weights of every model when it keeps them (TRAK's target side: what each store
             recorded); True: the EMA weights (an error for a model without); False: the raw weights.
         methods: compared methods: the baselines pixel, embedding, random and the estimators
-            ``<trak|dual|ekfac|kfac>[_1ckpt][_square][@<name>]`` (:class:`EstimatorMethod`; ``<name>`` an entry
+            ``<trak|dual|ekfac|kfac>[_1ckpt][_square|_stepwise][@<name>]`` (:class:`EstimatorMethod`; ``<name>`` an entry
             of ``extra_features``), e.g. trak, trak_1ckpt, trak_square, dual@identity, ekfac_1ckpt.
         extra_features: name -> another folder of the full model's feature stores (e.g. made with another
             projector: ``{"gaussian": "runs/x/features_gaussian"}``); method ``trak@<name>`` is TRAK (Eq. 3)
@@ -224,7 +227,7 @@ class LDSPlan:
         unknown = [m for m in list(self.methods) + list(self.cf_methods) if not self.known_method(m)]
         if unknown:
             raise ValueError(f"Expected `plan.methods` and `plan.cf_methods` among {list(BASELINES)} and "
-                             f"<trak|dual|ekfac|kfac>[_1ckpt][_square][@<name>] (@<name> needs "
+                             f"<trak|dual|ekfac|kfac>[_1ckpt][_square|_stepwise][@<name>] (@<name> needs "
                              f"`plan.extra_features.<name>`; known: {sorted(self.extra_features)}), but got {unknown}")
         if self.ekfac_fisher not in ("empirical", "sampled"):
             raise ValueError(f"Expected `plan.ekfac_fisher` 'empirical' or 'sampled', but got {self.ekfac_fisher!r}")

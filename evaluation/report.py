@@ -90,11 +90,17 @@ def build_report(scores: dict, masks: torch.Tensor, actual: torch.Tensor, replic
         versus: methods every other method is compared with, paired over the report targets.
     """
     trained = torch.isfinite(actual).all(-1).all(-1)
+    heldout, report = split_targets(actual.shape[1], split_seed, heldout_fraction)
+
+    def heldout_mean(p: torch.Tensor) -> torch.Tensor:   # (L, J, B, S) -> (L, S) mean LDS on the held-out targets
+        return nan_mean_se(lds_per_lambda_from_predictions(p[:, trained], actual[trained])[:, heldout], 1)[0]
+
+    for s in scores.values():   # a `_stepwise` method: its target side per step, on the held-out targets only
+        if callable(getattr(s, "choose_kinds", None)):
+            s.choose_kinds(heldout_mean)
     predictions = {m: method_predictions(s, masks)[..., trained, :, :] for m, s in scores.items()}
     grids = {m: list(getattr(s, "lambdas", None) or lambdas) for m, s in scores.items()}
     masks, actual = masks[trained], actual[trained]
-    B = actual.shape[1]
-    heldout, report = split_targets(B, split_seed, heldout_fraction)
     results = {m: evaluate_predictions(p, actual, grids[m], heldout, report, per_step) for m, p in predictions.items()}
     spread = {m: mask_uncertainty(chosen_predictions(predictions[m], results[m], report), actual[:, report])
               for m in results}
@@ -115,6 +121,9 @@ def build_report(scores: dict, masks: torch.Tensor, actual: torch.Tensor, replic
                    specific_ceiling=_at(specific_ceiling, s),
                    ceiling_se=math.nan if ceiling_se is None else float(ceiling_se[s]),
                    num_models=int(masks.shape[0]), seeds_per_mask=seeds_per_mask, targets="report")
+        kinds = getattr(scores[row["method"]], "chosen", None)
+        if kinds is not None:   # a `_stepwise` method: the target side chosen at this step (held-out)
+            row["target_output"] = kinds[s]
         choice = results[row["method"]]
         if isinstance(choice, LambdaChoice):
             row["lambda_at_grid_edge"] = bool(at_grid_edge(choice)[s])
@@ -123,6 +132,10 @@ def build_report(scores: dict, masks: torch.Tensor, actual: torch.Tensor, replic
     tables = {"lds": rows, "lambda_sweep": [], "paired": [], "ceiling": [],
               "comparison": comparison_rows(results, steps, {m: getattr(sc, "cost", {}) for m, sc in scores.items()},
                                             spread=spread)}
+    for row in tables["comparison"]:
+        kinds = getattr(scores[row["method"]], "chosen", None)
+        if kinds is not None:
+            row["target_output_per_step"] = "/".join(kinds)
     for method, choice in results.items():
         if isinstance(choice, LambdaChoice):
             per_lambda = lds_per_lambda_from_predictions(predictions[method], actual)[:, report]

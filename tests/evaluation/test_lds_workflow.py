@@ -505,6 +505,36 @@ def test_comparison_table_and_grid_edges(chain):
         assert grid == ([0.01, 0.1, 1.0] if lam == 0.1 else [0.1, 1.0, 10.0])
 
 
+def test_a_stepwise_method_reports_the_target_side_chosen_on_heldout_targets(chain):
+    """``trak_stepwise`` scores both target sides (``trak``, ``trak_square``) and at each step takes the one whose
+    best ridge is ahead on the HELD-OUT targets (lambda_sweep's held-out column of the two, read back here); its
+    report LDS at that step is the chosen side's at its own chosen ridge (lambda_sweep's report column)."""
+    run(_args(chain, "lds_report", '--plan.methods=["trak_stepwise", "trak", "trak_square"]',
+              "--plan.relative_lambdas=[0.1, 1.0]"))
+    out = chain["root"] / "report"
+    lds = {(r["method"], r["step"]): r for r in json.loads((out / "lds.json").read_text())}
+    sweep = json.loads((out / "lambda_sweep.json").read_text())
+    steps = sorted({t for _, t in lds})
+    chosen = []
+    for t in steps:
+        best = {kind: max(r["heldout_lds_mean"] for r in sweep if r["method"] == name and r["step"] == t)
+                for kind, name in (("loss", "trak"), ("square", "trak_square"))}
+        kind = max(best, key=best.get)
+        row = lds[("trak_stepwise", t)]
+        assert row["target_output"] == kind
+        name = "trak" if kind == "loss" else "trak_square"
+        want = [r["report_lds_mean_for_reference"] for r in sweep
+                if r["method"] == name and r["step"] == t and r["lambda"] == row["lambda"]]
+        assert row["lds_mean"] == pytest.approx(want[0], abs=1e-12)
+        chosen.append(kind)
+    comparison = {r["method"]: r for r in json.loads((out / "comparison.json").read_text())}
+    assert comparison["trak_stepwise"]["target_output_per_step"] == "/".join(
+        chosen[steps.index(t)] for t in [r["step"] for r in json.loads((out / "lds.json").read_text())
+                                         if r["method"] == "trak_stepwise"])
+    saved = torch.load(out / "chosen_scores.pt", weights_only=False)
+    assert saved["scores"]["trak_stepwise"].shape == saved["scores"]["trak"].shape
+
+
 def test_a_grid_the_estimator_refuses_to_extend_keeps_its_scores_and_the_flag(chain, monkeypatch):
     """EK-FAC refuses a damping too small for a positive definite curvature: the report keeps that method's
     scores on the grid it had, flags the edge, and still extends the others."""

@@ -111,6 +111,13 @@ class AttributionModule(LightningModule):
         output: target-side function: "loss" (the paper's Eq. 3) or "square" (D-TRAK's squared norm of the
             network output); None (default): the stores' training-side output ("square" for stores featurized
             with ``output: square``, else "loss": the default featurize's Eq. 3).
+        square_from: high-noise steps take D-TRAK's square output on the target side: steps
+            ``t >= square_from * T`` (T: the model's training timesteps) use "square", the others ``output``.
+            A float in (0, 1], None (``output`` at every step) or "auto" (default): 0.6 for the kfac / ekfac
+            estimators with a loss target side (on the digits ground truth the loss gradient predicts nothing at
+            t = 900 and 700 and the square output does, while the loss is far ahead at t <= 500: the
+            ``_stepwise`` held-out choice of the LDS report, README), None for estimator "trak" (the paper's
+            TRAK) and when ``output`` is "square" anyway.
         num_draws: K', noise draws of the step output (20 in the paper).
         draw_seed: seed of those draws (per target and step).
         share_noise: share noise draws with the training side (D-TRAK); match the featurize setting.
@@ -153,15 +160,18 @@ class AttributionModule(LightningModule):
                  patch: Optional[str] = None, pair_batch_size: int = 4, use_ema: Optional[bool] = None,
                  pairs_per_pass: int = 1024, precision: str = "float32", module_class: Optional[str] = None,
                  members: Optional[str] = "auto", rank: str = "members", estimator: str = "kfac",
-                 damping: float = 0.001, fisher: str = "empirical", influence_batch_size: int = 64) -> None:
+                 damping: float = 0.001, fisher: str = "empirical", influence_batch_size: int = 64,
+                 square_from: Optional[float | str] = "auto") -> None:
         super().__init__()
         check_score_settings(output, num_draws, draw_seed, relative_lam, topk, steps, target_ids, pair_batch_size,
                              pairs_per_pass, precision, members, rank)
         check_influence_settings(estimator, damping, fisher, influence_batch_size)
+        check_square_from(square_from)
         self.save_hyperparameters()
         self.out_dir = Path(out_dir) if out_dir else Path(targets).parent / "scores"
         self.stores = open_feature_stores(features)  # every store checked: sizes, complete, checksums
         self.hparams["output"] = output or target_output_for(self.stores)
+        self.hparams["square_from"] = resolve_square_from(square_from, estimator, self.hparams["output"])
         self.members = [self._store_members(store) for store in self.stores]  # checkpoints read and checked
         self.member_mask, self.ranked_rows = ranking_rows(self.members, rank)
         self.trajectories = read_targets(targets, target_ids)
@@ -332,6 +342,8 @@ class AttributionModule(LightningModule):
         members = {} if all_rows else {"members": [m.hash for m in self.members]}
         if not trak:
             members.update({k: self.hparams[k] for k in ("estimator", "damping", "fisher")})
+        if self.hparams.square_from is not None:   # (absent otherwise: the pair files of before remain valid)
+            members["square_from"] = self.hparams.square_from
         common = json.dumps({"format": 2, "stores": [s.identity() for s in self.stores], **members,
                              "use_ema": [self._use_ema(s) for s in self.stores],
                              **{k: self.hparams[k] for k in ("output", "num_draws", "draw_seed", "share_noise",
@@ -422,8 +434,8 @@ class AttributionModule(LightningModule):
             with torch.no_grad():
                 estimate = task.x0_hat(model, x_t, t, cond)
             block: dict = {}
-            for group, mask in self._mask_groups(target):
-                output = StepOutput(self.hparams.num_draws, self.hparams.draw_seed, kind=self.hparams.output,
+            for group, mask, kind in self._output_groups(m, target, t):
+                output = StepOutput(self.hparams.num_draws, self.hparams.draw_seed, kind=kind,
                                     mask=None if mask is None else mask.to(x_t.device),
                                     share_noise=self.hparams.share_noise)
                 grads = ekfac_gradients(task, model, output, factors, estimate[group], target[group].to(self.device),
@@ -445,13 +457,27 @@ class AttributionModule(LightningModule):
         with torch.no_grad():
             estimate = task.x0_hat(model, x_t, t, cond)
         out = torch.empty(len(t), self.projectors[m].d, device=x_t.device)
-        for rows, mask in self._mask_groups(target):
-            output = StepOutput(self.hparams.num_draws, self.hparams.draw_seed, kind=self.hparams.output,
+        for rows, mask, kind in self._output_groups(m, target, t):
+            output = StepOutput(self.hparams.num_draws, self.hparams.draw_seed, kind=kind,
                                 mask=None if mask is None else mask.to(x_t.device), share_noise=self.hparams.share_noise)
             out[rows] = featurize_batch(task, model, output, self.projectors[m], estimate[rows], target[rows],
                                              cond=None if cond is None else cond[rows], steps=t[rows],
                                              param_names=self.stores[m].meta.get("param_names"))
         return out
+
+    def target_kind(self, t: int, num_train_timesteps: int) -> str:
+        """The target-side output at step ``t``: "square" from ``square_from * T`` on, else ``output``."""
+        threshold = self.hparams.square_from
+        return "square" if threshold is not None and t >= threshold * num_train_timesteps else self.hparams.output
+
+    def _output_groups(self, m: int, target: torch.Tensor, t: torch.Tensor):
+        """Rows sharing a patch mask and a target-side output (:meth:`target_kind` at checkpoint ``m``'s T):
+        ``(rows, mask, kind)``."""
+        T = self.tasks[m].num_train_timesteps
+        kinds = [self.target_kind(int(step), T) for step in t.tolist()]
+        for rows, mask in self._mask_groups(target):
+            for kind in dict.fromkeys(kinds[int(r)] for r in rows.tolist()):
+                yield rows[torch.tensor([kinds[int(r)] == kind for r in rows.tolist()])], mask, kind
 
     def _mask_groups(self, target: torch.Tensor):
         """Rows sharing a patch mask: all rows when there is one mask (or none), else per target."""
@@ -497,6 +523,25 @@ def target_output_for(stores) -> str:
     with D-TRAK's square output (both sides square), else "loss" (Eq. 3)."""
     kinds = {(store.meta.get("train_output") or {}).get("kind", "loss") for store in stores}
     return "square" if kinds == {"square"} else "loss"
+
+
+SQUARE_FROM_AUTO = 0.6   # "auto" for the kfac / ekfac estimators (the digits held-out choice, README)
+
+
+def check_square_from(value) -> None:
+    if value is None or value == "auto":
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise SettingsError(f"Expected `square_from` to be a fraction of T in (0, 1], None or 'auto', but got "
+                            f"{value!r}")
+
+
+def resolve_square_from(value, estimator: str, output: str) -> Optional[float]:
+    """``square_from`` as a fraction of T, or None: "auto" is :data:`SQUARE_FROM_AUTO` for the kfac / ekfac
+    estimators with the loss target side, None for TRAK (the paper's method) and for a square target side."""
+    if value == "auto":
+        return SQUARE_FROM_AUTO if estimator in ("kfac", "ekfac") and output == "loss" else None
+    return None if value is None or output == "square" else float(value)
 
 
 def check_score_settings(output: str, num_draws: int, draw_seed: int, relative_lam: float, topk: int,

@@ -84,10 +84,11 @@ def reference(run, scorer, strategy, damping):
         task = module64.attribution_task()
         model64 = copy.deepcopy(store_denoiser(module64, store)).double().eval()
         train = store_train_output(store)
-        step_output = StepOutput(SCORE["num_draws"], 0, kind=scorer.hparams.output)
         target_grads = {lf.spec.module: [] for lf in factors.layers}
         with torch.enable_grad():
             for traj, s, t in pairs:
+                high = scorer.hparams.square_from is not None and t >= scorer.hparams.square_from * task.num_train_timesteps
+                step_output = StepOutput(SCORE["num_draws"], 0, kind="square" if high else scorer.hparams.output)
                 x_t, steps = traj.x_t[s:s + 1].double(), torch.tensor([t])
                 with torch.no_grad():
                     x0 = task.x0_hat(model64, x_t, steps, None)
@@ -139,6 +140,30 @@ def test_scores_equal_the_float64_reference_with_factors_over_the_members(run, s
         assert all_rows.factors[0].meta["num_examples"] == N
         other = pair_scores(run, "kfac_all", all_rows).double()
         assert float((other - want).abs().max()) > 2 * EPS32 * p * float(want.abs().max())  # beyond the tolerance
+
+
+def test_high_noise_steps_take_the_square_target_side_by_default(run):
+    """``square_from="auto"`` (the default for kfac / ekfac): t = 900 of T = 1000 is scored with the square output on
+    the target side and t = 0 with the loss, each pair as a run of that one output at that one step gives it;
+    ``square_from=None`` keeps the loss everywhere, and the setting is part of the pairs' keys."""
+    default = score(run, "sq_default", estimator="kfac")
+    assert default.hparams.square_from == 0.6 and default.hparams.output == "loss"
+    p = max(f.p for f in default.factors)
+    got = pair_scores(run, "sq_default", default)                       # pairs: target 0 (900, 0), target 1 (...)
+    square = score(run, "sq_square", estimator="kfac", output="square", square_from=None, steps=[900])
+    loss = score(run, "sq_loss", estimator="kfac", square_from=None)
+    assert square.hparams.square_from is None and loss.hparams.square_from is None
+    high = pair_scores(run, "sq_square", square).double()               # (N, targets) at t = 900
+    everywhere = pair_scores(run, "sq_loss", loss).double()             # (N, targets x 2)
+    assert_float32_close(got[:, 0::2], high, reduction_length=p)
+    assert_float32_close(got[:, 1::2], everywhere[:, 1::2], reduction_length=p)
+    scale = float(everywhere[:, 0::2].abs().max())
+    assert float((got[:, 0::2].double() - everywhere[:, 0::2]).abs().max()) > 2 * EPS32 * p * scale  # not the loss
+    assert module(run, "x", estimator="kfac").pair_keys != module(run, "x", estimator="kfac", square_from=None).pair_keys
+    assert module(run, "x").hparams.square_from is None                 # trak: the paper's method, untouched
+    assert module(run, "x", estimator="kfac", square_from=0.95).target_kind(900, 1000) == "loss"
+    with pytest.raises(SettingsError, match="`square_from`"):
+        module(run, "x", estimator="kfac", square_from=1.5)
 
 
 def test_resume_reuses_pairs_and_factors_and_other_settings_recompute(run, monkeypatch):

@@ -27,7 +27,8 @@ REPLICATE_MASKS=${REPLICATE_MASKS:-0}
 VARIANTS=${VARIANTS:-"square l2 avg even stratified even32 even100 norm seed1 identity identity_sq sq_even32 bands"}
 METHODS=${METHODS:-"[trak, trak_square@square, trak@square, trak@l2, trak@avg, trak@even, trak@stratified, \
 trak@even32, trak@even100, trak@norm, trak@seed1, dual@identity, dual_square@identity_sq, trak_square@sq_even32, \
-trak@band_loss, trak_square@band_square, ekfac_1ckpt, kfac_1ckpt, pixel, embedding, random]"}
+trak@band_loss, trak_square@band_square, ekfac_1ckpt, kfac_1ckpt, kfac_1ckpt@even32, kfac_1ckpt_stepwise@even32, \
+trak_stepwise, pixel, embedding, random]"}
 CKPT=$(last_checkpoint "$GT/full")
 mkdir -p "$REPORT"
 for link in masks models; do [ -e "$REPORT/$link" ] || ln -s "$(realpath "$GT/$link")" "$REPORT/$link"; done

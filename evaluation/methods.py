@@ -17,7 +17,8 @@ Estimators are settings, not forks (:func:`evaluation.plan.parse_method`:
 * ``ekfac`` / ``kfac``: influence with EK-FAC / K-FAC curvature (``attribution.ekfac``) fitted on the
   training examples at each checkpoint; every damping from one pass over the examples, the scores cached
   per checkpoint and damping (a report rerun or an extended grid scores only what is new).
-* ``_1ckpt``: the last checkpoint only; ``_square``: D-TRAK's square output on the target side;
+* ``_1ckpt``: the last checkpoint only; ``_square``: D-TRAK's square output on the target side; ``_stepwise``:
+  both target sides scored, and per step the one ahead on the held-out targets (:class:`KindChoiceScores`);
   ``@<name>``: the stores of ``plan.extra_features[name]`` (another training-side output, timestep draws,
   projector, no projection). The ``dual`` and ``ekfac`` scores are held in memory (``L x N x B x S``
   float32): they are meant for data sets of the benchmark's size.

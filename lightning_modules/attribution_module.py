@@ -172,6 +172,10 @@ class AttributionModule(LightningModule):
         self.stores = open_feature_stores(features)  # every store checked: sizes, complete, checksums
         self.hparams["output"] = output or target_output_for(self.stores)
         self.hparams["square_from"] = resolve_square_from(square_from, estimator, self.hparams["output"])
+        if self.hparams.square_from is not None:
+            T = (self.stores[0].meta.get("task") or {}).get("num_train_timesteps", "T")
+            rank_zero_info(f"score: target side {self.hparams.output!r} at t < {self.hparams.square_from} x {T}, D-TRAK's "
+                           f"'square' from there on (square_from={square_from!r}; null: {self.hparams.output!r} everywhere)")
         self.members = [self._store_members(store) for store in self.stores]  # checkpoints read and checked
         self.member_mask, self.ranked_rows = ranking_rows(self.members, rank)
         self.trajectories = read_targets(targets, target_ids)

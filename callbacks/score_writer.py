@@ -206,7 +206,9 @@ class ScoreWriter(BasePredictionWriter):
         if ranked is not None:
             pos_i, neg_i = ranked[pos_i], ranked[neg_i]
         rank = pl_module.hparams.rank
+        kinds = getattr(pl_module, "target_kinds", None)
         return {"target_id": traj.target_id, "timesteps": torch.tensor(steps), "scores": scores,
+                "target_outputs": kinds(steps) if callable(kinds) else None,   # the target side of each step
                 "positive_indices": pos_i, "positive_values": pos_v,
                 "negative_indices": neg_i, "negative_values": neg_v,
                 "rank": rank, "rank_label": RANK_LABELS[rank], "members": members.clone(),

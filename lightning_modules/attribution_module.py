@@ -474,6 +474,14 @@ class AttributionModule(LightningModule):
         threshold = self.hparams.square_from
         return "square" if threshold is not None and t >= threshold * num_train_timesteps else self.hparams.output
 
+    def target_kinds(self, steps) -> list[str]:
+        """The target-side output of each of ``steps`` (written beside each target's scores), with the T the stores
+        record."""
+        T = (self.stores[0].meta.get("task") or {}).get("num_train_timesteps")
+        if T is None:
+            T = self.tasks[0].num_train_timesteps
+        return [self.target_kind(int(t), int(T)) for t in steps]
+
     def _output_groups(self, m: int, target: torch.Tensor, t: torch.Tensor):
         """Rows sharing a patch mask and a target-side output (:meth:`target_kind` at checkpoint ``m``'s T):
         ``(rows, mask, kind)``."""

@@ -159,6 +159,8 @@ def test_high_noise_steps_take_the_square_target_side_by_default(run):
     assert_float32_close(got[:, 1::2], everywhere[:, 1::2], reduction_length=p)
     scale = float(everywhere[:, 0::2].abs().max())
     assert float((got[:, 0::2].double() - everywhere[:, 0::2]).abs().max()) > 2 * EPS32 * p * scale  # not the loss
+    saved = load_target_scores(run[0] / "sq_default" / f"target_{default.trajectories[0].target_id:04d}.pt")
+    assert saved["timesteps"].tolist() == [900, 0] and saved["target_outputs"] == ["square", "loss"]
     assert module(run, "x", estimator="kfac").pair_keys != module(run, "x", estimator="kfac", square_from=None).pair_keys
     assert module(run, "x").hparams.square_from is None                 # trak: the paper's method, untouched
     assert module(run, "x", estimator="kfac", square_from=0.95).target_kind(900, 1000) == "loss"

@@ -29,7 +29,6 @@ ESTIMATORS = ("trak", "dual", "ekfac", "kfac")
 LAUNCHERS = ("inprocess", "local", "slurm")
 TRAK_METHODS = {"trak": ("loss", None), "trak_1ckpt": ("loss", 1), "trak_square": ("square", None)}
 _METHOD = re.compile(r"^(trak|dual|ekfac|kfac)(_1ckpt)?(_square|_stepwise)?(?:@([A-Za-z0-9_.-]+))?$")
-KINDS = ("loss", "square", "stepwise")
 
 
 @dataclass(frozen=True)

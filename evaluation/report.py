@@ -98,6 +98,7 @@ def build_report(scores: dict, masks: torch.Tensor, actual: torch.Tensor, replic
     for s in scores.values():   # a `_stepwise` method: its target side per step, on the held-out targets only
         if callable(getattr(s, "choose_kinds", None)):
             s.choose_kinds(heldout_mean)
+    sides = {m: s.chosen for m, s in scores.items() if getattr(s, "chosen", None) is not None}
     predictions = {m: method_predictions(s, masks)[..., trained, :, :] for m, s in scores.items()}
     grids = {m: list(getattr(s, "lambdas", None) or lambdas) for m, s in scores.items()}
     masks, actual = masks[trained], actual[trained]
@@ -121,9 +122,8 @@ def build_report(scores: dict, masks: torch.Tensor, actual: torch.Tensor, replic
                    specific_ceiling=_at(specific_ceiling, s),
                    ceiling_se=math.nan if ceiling_se is None else float(ceiling_se[s]),
                    num_models=int(masks.shape[0]), seeds_per_mask=seeds_per_mask, targets="report")
-        kinds = getattr(scores[row["method"]], "chosen", None)
-        if kinds is not None:   # a `_stepwise` method: the target side chosen at this step (held-out)
-            row["target_output"] = kinds[s]
+        if row["method"] in sides:   # a `_stepwise` method: the target side chosen at this step (held-out)
+            row["target_output"] = sides[row["method"]][s]
         choice = results[row["method"]]
         if isinstance(choice, LambdaChoice):
             row["lambda_at_grid_edge"] = bool(at_grid_edge(choice)[s])
@@ -133,9 +133,8 @@ def build_report(scores: dict, masks: torch.Tensor, actual: torch.Tensor, replic
               "comparison": comparison_rows(results, steps, {m: getattr(sc, "cost", {}) for m, sc in scores.items()},
                                             spread=spread)}
     for row in tables["comparison"]:
-        kinds = getattr(scores[row["method"]], "chosen", None)
-        if kinds is not None:
-            row["target_output_per_step"] = "/".join(kinds)
+        if row["method"] in sides:
+            row["target_output_per_step"] = "/".join(sides[row["method"]])
     for method, choice in results.items():
         if isinstance(choice, LambdaChoice):
             per_lambda = lds_per_lambda_from_predictions(predictions[method], actual)[:, report]

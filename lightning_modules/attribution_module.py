@@ -474,19 +474,18 @@ class AttributionModule(LightningModule):
         threshold = self.hparams.square_from
         return "square" if threshold is not None and t >= threshold * num_train_timesteps else self.hparams.output
 
-    def target_kinds(self, steps) -> list[str]:
-        """The target-side output of each of ``steps`` (written beside each target's scores), with the T the stores
-        record."""
-        T = (self.stores[0].meta.get("task") or {}).get("num_train_timesteps")
+    def target_kinds(self, steps, num_train_timesteps: Optional[int] = None) -> list[str]:
+        """The target-side output of each of ``steps`` (:meth:`target_kind`; written beside each target's scores),
+        with T = ``num_train_timesteps``, by default the T the stores record."""
+        T = num_train_timesteps or (self.stores[0].meta.get("task") or {}).get("num_train_timesteps")
         if T is None:
             T = self.tasks[0].num_train_timesteps
         return [self.target_kind(int(t), int(T)) for t in steps]
 
     def _output_groups(self, m: int, target: torch.Tensor, t: torch.Tensor):
-        """Rows sharing a patch mask and a target-side output (:meth:`target_kind` at checkpoint ``m``'s T):
+        """Rows sharing a patch mask and a target-side output (:meth:`target_kinds` at checkpoint ``m``'s T):
         ``(rows, mask, kind)``."""
-        T = self.tasks[m].num_train_timesteps
-        kinds = [self.target_kind(int(step), T) for step in t.tolist()]
+        kinds = self.target_kinds(t.tolist(), self.tasks[m].num_train_timesteps)
         for rows, mask in self._mask_groups(target):
             for kind in dict.fromkeys(kinds[int(r)] for r in rows.tolist()):
                 yield rows[torch.tensor([kinds[int(r)] == kind for r in rows.tolist()])], mask, kind
